@@ -1,0 +1,1 @@
+"""mlx-gpt2: GPT-2 in MLX."""
