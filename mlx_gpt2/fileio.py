@@ -1,0 +1,60 @@
+"""Atomic writes: a temporary sibling, then a rename. A failure never leaves half a model on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import UserError
+
+
+def check_output_dir(out: Path, *, force: bool) -> None:
+    """Refuse to replace a non-empty directory unless asked to; refuse a file where a directory goes."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} already exists and is not empty; pass --force to replace it")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `out`; on success it replaces `out` in one rename.
+
+    The old `out` is kept until the new one is in place, so an exception (or Ctrl-C) at any point
+    leaves either the previous output or nothing, never a mix.
+    """
+    out = Path(out).expanduser().absolute()
+    check_output_dir(out, force=force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "previous")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to `path` through a temporary sibling file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
