@@ -1,0 +1,81 @@
+"""Hub or local GPT-2 checkpoint -> an MLX model directory, written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..config import GPT2Config
+from ..errors import UserError
+from ..fileio import atomic_directory, check_output_dir
+from ..tokenizer import Tokenizer
+from .hub import resolve_source
+from .read import read_tensors
+from .weights import MLX_PREFIX, add_mlx_prefix, check_weights, hf_to_mlx, strip_mlx_prefix
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+FORMAT_VERSION = 1
+
+
+def parse_dtype(name: str | None) -> mx.Dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UserError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def read_model_dir(directory: Path) -> tuple[GPT2Config, dict, dict[str, mx.array]]:
+    """(config, raw config.json, weights in our names and layout) from any GPT-2 directory we can read.
+
+    Names prefixed with `model.` come from mlx-lm's converter or ours (Linear layout already); anything
+    else is a transformers checkpoint and goes through the rename/transpose table.
+    """
+    config_path = directory / "config.json"
+    config = GPT2Config.from_file(config_path)
+    raw_config = json.loads(config_path.read_text())
+    tensors = read_tensors(directory)
+    if any(k.startswith(MLX_PREFIX) for k in tensors):
+        weights = strip_mlx_prefix(tensors)
+        if "quantization" not in raw_config:  # quantized trees are checked when the model is rebuilt
+            check_weights(weights, config, source=str(directory))
+        return config, raw_config, weights
+    return config, raw_config, hf_to_mlx(tensors, config)
+
+
+def write_model_dir(
+    out: Path, weights: dict[str, mx.array], config: dict, tokenizer: Tokenizer, *, force: bool
+) -> None:
+    """Write safetensors + config.json + vocab.json/merges.txt, all or nothing."""
+    with atomic_directory(out, force=force) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), add_mlx_prefix(weights), metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tokenizer.save(tmp)
+
+
+def convert(
+    source: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    revision: str | None = None,
+    force: bool = False,
+) -> Path:
+    """Convert a GPT-2 checkpoint (Hub repo id or local directory) into an MLX directory at `out`.
+
+    `dtype` is float32, float16 or bfloat16; None keeps the checkpoint's own dtype.
+    """
+    out = Path(out).expanduser()
+    check_output_dir(out, force=force)  # before any download: fail fast
+    target = parse_dtype(dtype)
+    directory = resolve_source(str(source), revision=revision)
+    config, raw_config, weights = read_model_dir(directory)
+    if target is not None:
+        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    tokenizer = Tokenizer.from_dir(directory)
+    new_config = {**raw_config, **config.to_dict()}
+    new_config["mlx_gpt2"] = {"format_version": FORMAT_VERSION, "source": str(source), "revision": revision}
+    write_model_dir(out, weights, new_config, tokenizer, force=force)
+    return out

@@ -1,0 +1,84 @@
+"""Every rename and transpose between a transformers GPT-2 checkpoint and our module tree, in one place."""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ..config import GPT2Config
+from ..errors import CheckpointError
+
+# transformers' Conv1D stores its weight as (in_features, out_features); nn.Linear wants (out, in).
+CONV1D_WEIGHTS = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+# The causal-mask buffers old checkpoints saved beside the weights: constants, not parameters.
+BUFFERS = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+# Prefixes that wrap the same names: transformers' save_pretrained, and mlx-lm's converted directories.
+HF_PREFIX = "transformer."
+MLX_PREFIX = "model."
+
+
+def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter our GPT2 has for this config; nothing is allocated."""
+    from ..model import GPT2
+
+    # MLX initialisers are lazy: building the module only records shapes until something is evaluated.
+    return {name: tuple(p.shape) for name, p in tree_flatten(GPT2(config).parameters())}
+
+
+def _rename_hf(name: str) -> str:
+    return name[len(HF_PREFIX) :] if name.startswith(HF_PREFIX) else name
+
+
+def hf_to_mlx(tensors: dict[str, mx.array], config: GPT2Config) -> dict[str, mx.array]:
+    """A transformers GPT2LMHeadModel state dict (any prefix, buffers, tied or not) -> our names and layout."""
+    out: dict[str, mx.array] = {}
+    for hf_name, tensor in tensors.items():
+        name = _rename_hf(hf_name)
+        if BUFFERS.match(name):
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # transformers ties it to wte on load, whatever the file holds
+        out[name] = tensor.T if CONV1D_WEIGHTS.match(name) else tensor
+    check_weights(out, config)
+    return out
+
+
+def mlx_to_hf(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Our names and layout -> the Hub's GPT-2 layout (no prefix, Conv1D weights (in, out))."""
+    return {name: w.T if CONV1D_WEIGHTS.match(name) else w for name, w in weights.items()}
+
+
+def strip_mlx_prefix(tensors: dict[str, mx.array]) -> dict[str, mx.array]:
+    """mlx-lm (and our own files, which share its format) prefix every name with `model.`."""
+    return {k[len(MLX_PREFIX) :] if k.startswith(MLX_PREFIX) else k: v for k, v in tensors.items()}
+
+
+def add_mlx_prefix(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    return {MLX_PREFIX + k: v for k, v in weights.items()}
+
+
+def check_weights(weights: dict[str, mx.array], config: GPT2Config, *, source: str = "checkpoint") -> None:
+    """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor."""
+    expected = expected_shapes(config)
+    problems = []
+    missing = sorted(set(expected) - set(weights))
+    unknown = sorted(set(weights) - set(expected))
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {_short(missing)}")
+    if unknown:
+        problems.append(f"unexpected {len(unknown)} tensor(s): {_short(unknown)}")
+    for name in sorted(set(expected) & set(weights)):
+        if tuple(weights[name].shape) != expected[name]:
+            problems.append(f"{name} has shape {tuple(weights[name].shape)}, config.json implies {expected[name]}")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not match its config.json: " + "; ".join(problems)
+            + " (is config.json from the same model? is this a GPT2LMHeadModel checkpoint?)"
+        )
+
+
+def _short(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

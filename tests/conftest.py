@@ -1,0 +1,54 @@
+"""Shared fixtures: real Hub-format GPT-2 checkpoints built with transformers, and their MLX conversions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints import SMALL_CONFIG, TOKENIZER_DIR, make_hf_model, write_checkpoint
+
+# A wider init than GPT-2's 0.02 makes the next-token distribution peaked, so greedy choices are not
+# near-ties that float rounding could flip; the numerics under test are the same.
+PEAKED = {"initializer_range": 0.2}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tokenizer_files_exist() -> None:
+    assert (TOKENIZER_DIR / "vocab.json").is_file(), f"GPT-2 tokenizer files missing at {TOKENIZER_DIR}"
+
+
+@pytest.fixture(scope="session")
+def small_hf():
+    """A small GPT-2 (2 layers, 64 wide, real 50257 vocabulary) in transformers."""
+    return make_hf_model(PEAKED, seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_dir(small_hf, tmp_path_factory):
+    """small_hf written in the real Hub layout (bare keys, attn.bias buffers, n_ctx)."""
+    return write_checkpoint(small_hf, tmp_path_factory.mktemp("small-hub"), "hub")
+
+
+@pytest.fixture(scope="session")
+def small_converted(small_dir, tmp_path_factory):
+    from mlx_gpt2.convert import convert
+
+    return convert(small_dir, tmp_path_factory.mktemp("conv") / "small-mlx")
+
+
+@pytest.fixture(scope="session")
+def small_loaded(small_converted):
+    from mlx_gpt2 import load
+
+    return load(small_converted)
+
+
+def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+@pytest.fixture
+def ids() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 50257, (2, 33))
