@@ -200,7 +200,8 @@ class _TensorUnpickler(pickle.Unpickler):
         storage_type, key, numel = pid[1], pid[2], pid[4]
         if not (isinstance(storage_type, _StorageType) and isinstance(key, str) and _all_natural([numel])):
             raise pickle.UnpicklingError(f"bad storage record {str(pid)[:80]}")
-        self.storages.setdefault(key, (storage_type, numel))
+        if self.storages.setdefault(key, (storage_type, numel)) != (storage_type, numel):
+            raise pickle.UnpicklingError(f"storage {key!r} is declared twice, differently")
         view = pid[5] if len(pid) == 6 else None
         if view is None:
             return _StorageRef(key, storage_type)
@@ -270,7 +271,7 @@ def _read_torch_legacy(path: Path) -> tuple[dict[str, _TensorRef], dict[str, np.
 
 
 def _plain_unpickle(file, path: Path) -> Any:
-    """A pickle with no globals at all (the legacy header and key list)."""
+    """The legacy header and storage-key pickles: plain data, under the same allow-list."""
     return _TensorUnpickler(file, path).load()
 
 

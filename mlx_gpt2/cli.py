@@ -114,6 +114,17 @@ def convert(
     typer.echo(f"wrote {path}")
 
 
+def _register_command_groups() -> None:
+    """Commands of the other areas live in their own modules; each adds itself to `app`."""
+    from . import cli_bench, cli_inspect, cli_lora, cli_quant
+
+    for module in (cli_quant, cli_lora, cli_bench, cli_inspect):
+        module.register(app)
+
+
+_register_command_groups()
+
+
 def main() -> None:
     app()
 
