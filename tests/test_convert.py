@@ -157,3 +157,25 @@ def test_loading_a_converted_directory_is_lazy(small_converted):
     before = mx.get_active_memory()
     load(small_converted)
     assert mx.get_active_memory() - before < 1e6  # 3.3M float32 parameters would be 13 MB
+
+
+def test_mlx_lm_directories_load_with_the_same_logits(small_dir, tmp_path, ids):
+    """A directory written by mlx-lm's converter (tokenizer only in tokenizer.json) loads as mlx-lm loads it."""
+    import mlx_lm  # the reference for its own format (a test dependency)
+    out = tmp_path / "mlx-lm"
+    mlx_lm.convert(str(small_dir), mlx_path=str(out))
+    assert not (out / "vocab.json").exists() and (out / "tokenizer.json").exists()
+    ours, tokenizer = load(out)
+    theirs, their_tokenizer = mlx_lm.load(str(out))
+    diff = float(np.abs(np.array(ours(mx.array(ids))) - np.array(theirs(mx.array(ids)))).max())
+    print(f"OK, maxdiff = {diff:.3g}")
+    assert diff <= 1e-4
+    text = "Hello world, it's 2026 😀"
+    assert tokenizer.encode(text) == their_tokenizer.encode(text)
+
+
+def test_our_directories_load_in_mlx_lm(small_converted, small_loaded, ids):
+    import mlx_lm  # the reference for its own format (a test dependency)
+    theirs, _ = mlx_lm.load(str(small_converted))
+    ours, _ = small_loaded
+    assert float(np.abs(np.array(ours(mx.array(ids))) - np.array(theirs(mx.array(ids)))).max()) <= 1e-4
