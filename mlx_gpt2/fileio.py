@@ -46,15 +46,26 @@ def atomic_directory(out: str | Path, *, force: bool = False) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to `path` through a temporary sibling file."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through a temporary sibling file, so readers never see half a file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to `path` through a temporary sibling file."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

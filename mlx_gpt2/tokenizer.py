@@ -10,8 +10,6 @@ from __future__ import annotations
 import codecs
 import functools
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -19,6 +17,7 @@ from typing import Literal
 import tiktoken
 
 from mlx_gpt2.errors import UserError
+from mlx_gpt2.fileio import write_text_atomic
 
 # tiktoken's "gpt2" pattern (tiktoken_ext/openai_public.py) in its original form. tiktoken >= 0.8 ships
 # an equivalent variant with possessive quantifiers; this form also compiles in older tiktoken releases.
@@ -133,9 +132,9 @@ class Tokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         by_id = dict(sorted(self._vocab.items(), key=lambda item: item[1]))
-        _write_atomic(directory / "vocab.json", json.dumps(by_id, ensure_ascii=False) + "\n")
+        write_text_atomic(directory / "vocab.json", json.dumps(by_id, ensure_ascii=False) + "\n")
         lines = [MERGES_HEADER, *(f"{a} {b}" for a, b in self._merges)]
-        _write_atomic(directory / "merges.txt", "\n".join(lines) + "\n")
+        write_text_atomic(directory / "merges.txt", "\n".join(lines) + "\n")
 
 
 class StreamingDetokenizer:
@@ -293,15 +292,3 @@ def _parse_merge(item: str | list[str], path: Path) -> Merge:
     if len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
         raise UserError(f"{path}: malformed merge {item!r}; expected two tokens")
     return parts[0], parts[1]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary sibling and rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as file:
-            file.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
