@@ -1,9 +1,254 @@
-"""CLI commands for looking inside the model (`inspect ...`): parse, call the API, print."""
+"""CLI commands for looking inside the model (`inspect ...`): parse, call the API, print.
+
+Each command prints a table by default, JSON with `--json` (shapes in the README), and also draws a PNG
+with `--png FILE` (matplotlib, the `viz` extra). Imported by `mlx_gpt2.cli`, which registers it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+import numpy as np
 import typer
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .inspect import LogitLens, Trace
+    from .model import GPT2
+    from .tokenizer import Tokenizer
+
+inspect_app = typer.Typer(
+    no_args_is_help=True, help="Look inside the model: attention, logit lens, next tokens, embeddings."
+)
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the main app."""
+    app.add_typer(inspect_app, name="inspect")
+
+
+# Imported after `register` exists: importing this module first runs cli.py, which calls `register` on it.
+from .cli import ModelOpt, user_errors  # noqa: E402
+
+TextArg = typer.Argument(..., help="The text to look at; '-' reads it from stdin.")
+JsonOpt = typer.Option(False, "--json", help="Print JSON (shape documented in the README) instead of a table.")
+PngOpt = typer.Option(None, "--png", help="Also draw a picture into this PNG file (needs mlx-gpt2[viz]).")
+
+
+def _prepare(model: str, text: str, png: Optional[Path]) -> tuple[GPT2, Tokenizer, str]:
+    """Check the picture can be drawn before the (slow) load, then load; -> (model, tokenizer, text)."""
+    if png is not None:
+        from .viz import require_matplotlib
+
+        require_matplotlib()
+    from . import load
+
+    lm, tokenizer = load(model)
+    return lm, tokenizer, sys.stdin.read() if text == "-" else text
+
+
+def _save(figure: Figure, png: Path) -> None:
+    from .viz import save_png
+
+    typer.echo(f"wrote {save_png(figure, png)}", err=True)  # stderr, so --json output stays pure
+
+
+def _json(model: str, tokens: list[str], token_ids: list[int], **fields: Any) -> None:
+    """One JSON object on stdout: the model and input tokens, then the command's own fields."""
+    data = {"model": model, "tokens": tokens, "token_ids": token_ids, **fields}
+    typer.echo(json.dumps(data, ensure_ascii=False))
+
+
+def _rounded(values: np.ndarray) -> list:
+    # Six decimals are far below anything a plot or a reader can see, and keep the JSON compact.
+    return np.round(values.astype(np.float64), 6).tolist()
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the first two (index, token) left-aligned, the rest right."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _show(token: str, limit: int = 14) -> str:
+    """A token quoted, so leading spaces show, and cut to `limit` characters."""
+    shown = repr(token)
+    return shown if len(shown) <= limit else shown[: limit - 2] + "…" + shown[-1]
+
+
+def _attention_table(t: Trace, layer: int, head: int) -> str:
+    """One head as a lower-triangular matrix: rows are queries, columns key positions."""
+    L = len(t.tokens)
+    probs = t.attentions[layer, head]
+    rows = []
+    for q in range(L):  # the future (k > q) is masked: blank, not 0.00
+        rows.append([str(q), _show(t.tokens[q]), *(f"{probs[q, k]:.2f}" if k <= q else "" for k in range(L))])
+    title = f"layer {layer}, head {head}: attention probabilities (rows: query, columns: key position)"
+    return title + "\n" + _table(["#", "token", *map(str, range(L))], rows)
+
+
+def _heads_table(t: Trace, layer: int) -> str:
+    """Every head at once: for each query, the key that head attends to most, and how much."""
+    rows = []
+    for q, token in enumerate(t.tokens):
+        keys = t.attentions[layer, :, q].argmax(axis=-1)  # [n_head]
+        cells = [f"{_show(t.tokens[k], 10)}@{k} {t.attentions[layer, h, q, k]:.2f}" for h, k in enumerate(keys)]
+        rows.append([str(q), _show(token), *cells])
+    title = f"layer {layer}: the key each head attends to most, per query (token@position probability)"
+    return title + "\n" + _table(["#", "token", *(f"head {h}" for h in range(t.n_head))], rows)
+
+
+@inspect_app.command()
+@user_errors
+def attention(
+    text: str = TextArg,
+    model: str = ModelOpt,
+    layer: int = typer.Option(0, "--layer", "-l", help="Block index, 0 to n_layer - 1."),
+    head: Optional[int] = typer.Option(None, "--head", help="Head index, 0 to n_head - 1 (default: all heads)."),
+    as_json: bool = JsonOpt,
+    png: Optional[Path] = PngOpt,
+) -> None:
+    """Attention probabilities of one head, or of every head of a layer."""
+    from .inspect import check_index, trace
+
+    lm, tokenizer, text = _prepare(model, text, png)
+    check_index("--layer", layer, lm.config.n_layer, "layers")
+    if head is not None:
+        check_index("--head", head, lm.config.n_head, "heads per layer")
+    t = trace(lm, tokenizer, text)
+    heads = list(range(t.n_head)) if head is None else [head]
+    if as_json:
+        attentions = _rounded(t.attentions[layer, heads])  # [len(heads), L, L]
+        _json(model, t.tokens, t.token_ids, layer=layer, heads=heads, attentions=attentions)
+    else:
+        typer.echo(_heads_table(t, layer) if head is None else _attention_table(t, layer, head))
+    if png is not None:
+        from .viz import attention_figure
+
+        _save(attention_figure(t, layer=layer, head=head), png)
+
+
+def _lens_json(lens: LogitLens) -> list:
+    """[n_layer + 1][L][top] of {"token_id", "token", "prob"}."""
+    depths, L, top = lens.top_ids.shape
+
+    def entry(d: int, p: int, j: int) -> dict:
+        prob = round(float(lens.top_probs[d, p, j]), 6)
+        return {"token_id": int(lens.top_ids[d, p, j]), "token": lens.top_tokens[d][p][j], "prob": prob}
+
+    return [[[entry(d, p, j) for j in range(top)] for p in range(L)] for d in range(depths)]
+
+
+def _lens_table(lens: LogitLens) -> str:
+    """Rows: blocks applied (0 is the embeddings); columns: input tokens; cells: the top-1 next token."""
+    rows = []
+    for d, (names, probs) in enumerate(zip(lens.top_tokens, lens.top_probs)):
+        cells = [f"{_show(n[0], 12)} {p[0]:.2f}" for n, p in zip(names, probs)]
+        rows.append(["embeddings" if d == 0 else str(d), "", *cells])
+    title = "logit lens: the top next token (probability) after each number of blocks, at each input token"
+    return title + "\n" + _table(["blocks", "", *(_show(token, 12) for token in lens.tokens)], rows)
+
+
+@inspect_app.command("logit-lens")
+@user_errors
+def logit_lens(
+    text: str = TextArg,
+    model: str = ModelOpt,
+    top: int = typer.Option(5, "--top", "-k", help="Tokens per layer and position in --json (tables show 1)."),
+    as_json: bool = JsonOpt,
+    png: Optional[Path] = PngOpt,
+) -> None:
+    """The model's guess for the next token after 0, 1, ..., n_layer blocks, at every position."""
+    from .inspect import logit_lens as run_lens, trace
+
+    lm, tokenizer, text = _prepare(model, text, png)
+    t = trace(lm, tokenizer, text)
+    lens = run_lens(lm, tokenizer, t, top=top)
+    if as_json:
+        _json(model, t.tokens, t.token_ids, top=_lens_json(lens))
+    else:
+        typer.echo(_lens_table(lens))
+    if png is not None:
+        from .viz import logit_lens_figure
+
+        _save(logit_lens_figure(lens), png)
+
+
+@inspect_app.command("next")
+@user_errors
+def next_token(
+    text: str = TextArg,
+    model: str = ModelOpt,
+    top: int = typer.Option(10, "--top", "-k", help="How many candidates to show."),
+    as_json: bool = JsonOpt,
+    png: Optional[Path] = PngOpt,
+) -> None:
+    """The most likely next tokens after TEXT, with their probabilities."""
+    from .inspect import encode, next_tokens
+
+    lm, tokenizer, text = _prepare(model, text, png)
+    ids = encode(lm, tokenizer, text)
+    tokens = [tokenizer.decode([i]) for i in ids]
+    candidates = next_tokens(lm, tokenizer, ids, top=top)
+    if as_json:
+        rounded = [{**dataclasses.asdict(c), "prob": round(c.prob, 6), "logprob": round(c.logprob, 6)}
+                   for c in candidates]
+        _json(model, tokens, ids, next=rounded)
+    else:
+        rows = [[str(r), _show(c.token, 24), str(c.token_id), f"{c.prob:.4f}"]
+                for r, c in enumerate(candidates, start=1)]
+        prompt = _show("".join(tokens)[-60:], 64)  # the end is what the model continues
+        title = f"next token after {prompt} ({len(ids)} tokens)"
+        typer.echo(title + "\n" + _table(["rank", "token", "id", "prob"], rows))
+    if png is not None:
+        from .viz import next_tokens_figure
+
+        _save(next_tokens_figure(candidates, tokens), png)
+
+
+def _embeddings_table(t: Trace, lm: GPT2) -> str:
+    """Per token: its id, the norms of its token and position embeddings and of their sum, and a peek."""
+    c = lm.config
+    title = (f"token embeddings wte: {c.vocab_size} x {c.n_embd}; position embeddings wpe: {c.n_positions} x "
+             f"{c.n_embd}; this input: {len(t.tokens)} tokens -> {len(t.tokens)} x {c.n_embd}")
+    rows = []
+    for p, (token, i) in enumerate(zip(t.tokens, t.token_ids)):
+        vectors = (t.token_embeddings[p], t.position_embeddings[p], t.residual_stream[0, p])
+        peek = " ".join(f"{x:+.3f}" for x in t.residual_stream[0, p, :4]) + " ..."
+        rows.append([str(p), _show(token), str(i), *(f"{np.linalg.norm(v):.3f}" for v in vectors), peek])
+    return title + "\n" + _table(["#", "token", "id", "|token|", "|position|", "|sum|", "sum[:4]"], rows)
+
+
+@inspect_app.command()
+@user_errors
+def embeddings(
+    text: str = TextArg,
+    model: str = ModelOpt,
+    as_json: bool = JsonOpt,
+    png: Optional[Path] = PngOpt,
+) -> None:
+    """Token embeddings, position embeddings and their sum for each token of TEXT."""
+    from .inspect import trace
+
+    lm, tokenizer, text = _prepare(model, text, png)
+    t = trace(lm, tokenizer, text)
+    if as_json:
+        c = lm.config
+        _json(model, t.tokens, t.token_ids, vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd,
+              token_embeddings=_rounded(t.token_embeddings), position_embeddings=_rounded(t.position_embeddings),
+              embeddings=_rounded(t.residual_stream[0]))
+    else:
+        typer.echo(_embeddings_table(t, lm))
+    if png is not None:
+        from .viz import embeddings_figure
+
+        _save(embeddings_figure(t), png)
