@@ -10,10 +10,11 @@ import mlx.core as mx
 from ..config import GPT2Config
 from ..errors import UserError
 from ..fileio import atomic_directory, check_output_dir
+from ..quantize import QuantizeConfig, quantize_weights
 from ..tokenizer import Tokenizer
 from .hub import resolve_source
 from .read import read_tensors
-from .weights import MLX_PREFIX, add_mlx_prefix, check_weights, hf_to_mlx, strip_mlx_prefix
+from .weights import MLX_PREFIX, add_mlx_prefix, check_weights, hf_to_mlx, mlx_to_hf, strip_mlx_prefix
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 FORMAT_VERSION = 1
@@ -46,11 +47,16 @@ def read_model_dir(directory: Path) -> tuple[GPT2Config, dict, dict[str, mx.arra
 
 
 def write_model_dir(
-    out: Path, weights: dict[str, mx.array], config: dict, tokenizer: Tokenizer, *, force: bool
+    out: Path, weights: dict[str, mx.array], config: dict, tokenizer: Tokenizer, *, force: bool,
+    hf_layout: bool = False,
 ) -> None:
-    """Write safetensors + config.json + vocab.json/merges.txt, all or nothing."""
+    """Write safetensors + config.json + vocab.json/merges.txt, all or nothing.
+
+    `hf_layout` writes the Hub's GPT-2 layout instead (bare names, Conv1D weights (in, out)): transformers reads it.
+    """
+    tensors, layout = (mlx_to_hf(weights), "pt") if hf_layout else (add_mlx_prefix(weights), "mlx")
     with atomic_directory(out, force=force) as tmp:
-        mx.save_safetensors(str(tmp / "model.safetensors"), add_mlx_prefix(weights), metadata={"format": "mlx"})
+        mx.save_safetensors(str(tmp / "model.safetensors"), tensors, metadata={"format": layout})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save(tmp)
 
@@ -62,13 +68,16 @@ def convert(
     dtype: str | None = None,
     revision: str | None = None,
     force: bool = False,
+    quantize: QuantizeConfig | dict | bool | None = None,
 ) -> Path:
     """Convert a GPT-2 checkpoint (Hub repo id or local directory) into an MLX directory at `out`.
 
-    `dtype` is float32, float16 or bfloat16; None keeps the checkpoint's own dtype.
+    `dtype` is float32, float16 or bfloat16; None keeps the checkpoint's own dtype. `quantize` (True, a
+    dict or a QuantizeConfig, see mlx_gpt2.quantize) writes a quantized model, its settings in config.json.
     """
     out = Path(out).expanduser()
     check_output_dir(out, force=force)  # before any download: fail fast
+    spec = QuantizeConfig.coerce(quantize)
     target = parse_dtype(dtype)
     directory = resolve_source(str(source), revision=revision)
     config, raw_config, weights = read_model_dir(directory)
@@ -77,5 +86,9 @@ def convert(
     tokenizer = Tokenizer.from_dir(directory)
     new_config = {**raw_config, **config.to_dict()}
     new_config["mlx_gpt2"] = {"format_version": FORMAT_VERSION, "source": str(source), "revision": revision}
+    if spec is not None:
+        weights, new_config["quantization"], summary = quantize_weights(config, raw_config, weights, spec)
+        new_config["quantization_config"] = new_config["quantization"]  # mlx-lm mirrors it there too
+        new_config["mlx_gpt2"]["quantization"] = summary
     write_model_dir(out, weights, new_config, tokenizer, force=force)
     return out

@@ -2,8 +2,48 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the main app."""
+    from .cli import user_errors
+
+    app.command("perplexity")(user_errors(perplexity_command))
+
+
+def perplexity_command(
+    model: str = typer.Option("gpt2", "--model", "-m", help="Hub repo id, Hub-format directory, or converted directory."),
+    file: Path = typer.Option(..., "--file", "-f", help="UTF-8 text to score ('-' reads stdin)."),
+    context: Optional[int] = typer.Option(None, "--context", help="Tokens per window (default: the model's 1024)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Tokens between windows (default: half the context)."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", help="Windows evaluated together."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float32, float16 or bfloat16."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+) -> None:
+    """Strided perplexity of a model on a text file: each token scored once, with up to context - stride tokens of left context."""
+    import sys
+
+    from .errors import UserError
+    from .loading import load
+    from .perplexity import perplexity
+
+    if str(file) == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (FileNotFoundError, IsADirectoryError):
+            raise UserError(f"{file} is not a readable file; pass a UTF-8 text file with --file") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{file} is not UTF-8 text") from None
+    lm, tokenizer = load(model, revision=revision, dtype=dtype)
+    result = perplexity(lm, tokenizer, text, context=context, stride=stride, batch_size=batch_size)
+    typer.echo(
+        f"perplexity: {result.perplexity:.4f}\n"
+        f"tokens scored: {result.tokens} (context {result.context}, stride {result.stride})\n"
+        f"speed: {result.tokens_per_second:.1f} tokens/s ({result.seconds:.1f} s)"
+    )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import SMALL_CONFIG, TOKENIZER_DIR, make_hf_model, write_checkpoint
+from checkpoints import SMALL_CONFIG, TOKENIZER_DIR, copy_tokenizer, make_hf_model, write_checkpoint
 
 # A wider init than GPT-2's 0.02 makes the next-token distribution peaked, so greedy choices are not
 # near-ties that float rounding could flip; the numerics under test are the same.
@@ -42,6 +42,20 @@ def small_loaded(small_converted):
     from mlx_gpt2 import load
 
     return load(small_converted)
+
+
+@pytest.fixture(scope="session")
+def trained_small_dir(tmp_path_factory):
+    """A GPT-2 that has learned English (2 layers, 128 wide, trained on Python's docs; tests/data/README.md),
+    in the Hub's layout (float16 safetensors, n_ctx), with the real tokenizer files beside it."""
+    import shutil
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("trained-small")
+    for path in (Path(__file__).parent / "data" / "trained-small").iterdir():
+        shutil.copyfile(path, out / path.name)
+    copy_tokenizer(out)
+    return out
 
 
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:
