@@ -1,0 +1,77 @@
+"""What a training run prints: a header, a live progress line on a terminal, a line per report and save."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+BAR_WIDTH = 20
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable ones); a quantized weight counts the weights it packs, not its scales."""
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            total += m.weight.size * 32 // m.bits - m.weight.size - m.scales.size - (m.biases.size if "biases" in m else 0)
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return total, trainable
+
+
+class Progress:
+    """Console output of a run; `quiet` prints only warnings."""
+
+    def __init__(self, total: int, *, quiet: bool = False, stream: TextIO | None = None) -> None:
+        self.total, self.quiet = total, quiet
+        self.stream = stream or sys.stdout
+        self.live = not quiet and self.stream.isatty()
+        self.started = time.perf_counter()
+
+    def _line(self, text: str) -> None:
+        if not self.quiet:
+            clear = "\r\033[K" if self.live else ""
+            print(clear + text, file=self.stream, flush=True)
+
+    def info(self, text: str) -> None:
+        self._line(text)
+
+    def warn(self, text: str) -> None:
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+    def start(self, model: nn.Module, data: Any, settings: dict[str, Any], step: int) -> None:
+        total, trainable = count_parameters(model)
+        tokens = sum(len(t) for t, _ in data.train)
+        self._line(
+            f"trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.1f}M ({100 * trainable / total:.2f}%); "
+            f"data: {len(data.train)} training rows ({tokens} tokens), {len(data.valid)} validation rows, "
+            f"up to {settings['max_seq_length']} tokens each"
+        )
+        if step:
+            self._line(f"resuming at step {step} of {self.total}")
+
+    def tick(self, step: int, loss: float, tokens_per_second: float) -> None:
+        if self.live:
+            done = BAR_WIDTH * step // self.total
+            bar = "#" * done + "." * (BAR_WIDTH - done)
+            self.stream.write(f"\r\033[K[{bar}] step {step}/{self.total}  loss {loss:.3f}  {tokens_per_second:.0f} tok/s")
+            self.stream.flush()
+
+    def report(self, r: dict[str, Any]) -> None:
+        self._line(
+            f"step {r['step']}/{self.total}: train loss {r['train_loss']:.3f}, lr {r['learning_rate']:.2e}, "
+            f"{r['tokens_per_second']:.0f} tokens/s, {r['trained_tokens']} tokens, peak memory {r['peak_memory_gb']:.2f} GB"
+        )
+
+    def validation(self, r: dict[str, Any]) -> None:
+        self._line(f"step {r['step']}/{self.total}: validation loss {r['val_loss']:.3f} ({r['val_time']:.1f} s)")
+
+    def saved(self, step: int, out: Path) -> None:
+        self._line(f"step {step}/{self.total}: checkpoint saved to {out}")
+
+    def finish(self, out: Path) -> None:
+        self._line(f"done in {time.perf_counter() - self.started:.0f} s; adapters in {out}")

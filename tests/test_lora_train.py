@@ -1,0 +1,154 @@
+"""Training runs: learning on real text, exact stop-and-resume, Ctrl-C, NaN, QLoRA, full fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_gpt2 import UserError, load
+from mlx_gpt2.lora import LoRASpec, TrainConfig, apply_lora, fuse, fuse_lora, read_metrics, train
+from mlx_gpt2.quantize import is_quantized
+from test_lora import paragraphs, small_config, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train-data")
+    write_jsonl(root / "train.jsonl", [{"text": p[:300]} for p in paragraphs(24)])
+    write_jsonl(root / "valid.jsonl", [{"text": p[:300]} for p in paragraphs(4, offset=24)])
+    return root
+
+
+def adapters(path: Path) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in mx.load(str(path / "adapters.safetensors")).items()}
+
+
+def test_training_lowers_validation_loss_on_real_text(request, tmp_path):
+    """A GPT-2 trained on Python's documentation, fine-tuned on the GPL: held-out GPL text gets likelier."""
+    if not (Path(__file__).parent / "data" / "trained-small").is_dir():
+        pytest.skip("tests/data/trained-small (the trained fixture model) is not in this checkout")
+    model = request.getfixturevalue("trained_small_dir")
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"text": p} for p in paragraphs(40)])
+    write_jsonl(tmp_path / "data" / "valid.jsonl", [{"text": p} for p in paragraphs(6, offset=40)])
+    config = small_config(model, tmp_path / "data", tmp_path / "out", iters=8, batch_size=4, max_seq_length=32,
+                          learning_rate=5e-4, steps_per_eval=8, val_batches=-1, dtype="float32")  # fmt: skip
+    result = train(config, quiet=True)
+    (_, before), (_, after) = result.val_losses[0], result.val_losses[-1]
+    print(f"validation loss on the GPL: {before:.3f} -> {after:.3f}; training losses {np.round(result.losses, 2)}")
+    assert after < before - 0.1
+
+
+def test_stop_and_resume_ends_exactly_like_an_uninterrupted_run(small_converted, data_dir, tmp_path):
+    # Dropout and gradient accumulation make the RNG key and the data position matter.
+    options = dict(iters=4, dropout=0.1, grad_accum=2, steps_per_report=2, steps_per_eval=2, save_every=3, warmup=1)
+    whole = train(small_config(small_converted, data_dir, tmp_path / "whole", **options), quiet=True)
+
+    def stop_at_1(step: int, loss: float) -> None:
+        if step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(small_converted, data_dir, tmp_path / "split", **options), on_step=stop_at_1, quiet=True)
+    assert json.loads((tmp_path / "split" / "state.json").read_text())["step"] == 1
+    rest = train(small_config(small_converted, data_dir, tmp_path / "split", resume=True, **options), quiet=True)
+
+    def losses(run: str) -> list[tuple]:
+        return [(m["step"], m.get("train_loss"), m.get("val_loss")) for m in read_metrics(tmp_path / run)]
+
+    print(f"uninterrupted: {whole.losses}\nresumed at 1:  {rest.losses}")
+    assert rest.losses == whole.losses[1:]
+    assert losses("split") == losses("whole")
+    a, b = adapters(tmp_path / "whole"), adapters(tmp_path / "split")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint(small_converted, data_dir, tmp_path):
+    def press_ctrl_c(step: int, loss: float) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(small_converted, data_dir, tmp_path / "run", iters=5), on_step=press_ctrl_c, quiet=True)
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(small_converted, data_dir, tmp_path):
+    config = small_config(small_converted, data_dir, tmp_path / "run", iters=8, learning_rate=1e12, grad_clip=None, save_every=1)
+    with pytest.raises(UserError, match=r"training loss became (nan|inf) at step \d; stopped \(the checkpoint of step \d") as error:
+        train(config, quiet=True)
+    saved = json.loads((tmp_path / "run" / "state.json").read_text())["step"]
+    assert f"at step {saved + 1};" in str(error.value)
+    assert all(np.isfinite(w).all() for w in adapters(tmp_path / "run").values())
+
+
+def test_a_new_run_never_overwrites_an_old_one_and_resume_keeps_the_options(small_converted, data_dir, tmp_path):
+    out = tmp_path / "run"
+    train(small_config(small_converted, data_dir, out, iters=1), quiet=True)
+    before = (out / "adapters.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already holds a training run; pass --resume"):
+        train(small_config(small_converted, data_dir, out, iters=2), quiet=True)
+    with pytest.raises(UserError, match=r"options differ from the checkpoint's \(rank 8 -> 4\)"):
+        train(small_config(small_converted, data_dir, out, iters=2, rank=4, resume=True), quiet=True)
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        train(small_config(small_converted, data_dir, tmp_path / "empty", resume=True), quiet=True)
+    assert (out / "adapters.safetensors").read_bytes() == before
+
+
+def test_gradient_checkpointing_computes_the_same_losses(small_converted, data_dir, tmp_path):
+    plain = train(small_config(small_converted, data_dir, tmp_path / "a", iters=2, val_batches=0, grad_checkpoint=False), quiet=True)
+    checkpointed = train(small_config(small_converted, data_dir, tmp_path / "b", iters=2, val_batches=0), quiet=True)
+    print(f"losses without / with --grad-checkpoint: {plain.losses} / {checkpointed.losses}")
+    assert np.allclose(plain.losses, checkpointed.losses, rtol=1e-5)
+
+
+def test_qlora_trains_on_a_4_bit_base_and_fuses_with_dequantize(small_converted, data_dir, tmp_path, ids):
+    out = tmp_path / "qlora"
+    # The embedding stays float only to keep this test fast: 4-bit matmuls over the 50257-token head are slow on CPU.
+    quantize = dict(bits=4, group_size=64, keep_embeddings=True)
+    result = train(small_config(small_converted, data_dir, out, quantize=quantize, learning_rate=1e-2), quiet=True)
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+    assert json.loads((out / "adapter_config.json").read_text())["quantize"]["bits"] == 4
+    qlora, _ = load(small_converted, adapter_path=out)  # quantized again, as in training
+    assert is_quantized(qlora)
+    base, _ = load(small_converted, quantize=quantize)
+    expected = np.array(qlora(mx.array(ids)))
+    assert np.abs(expected - np.array(base(mx.array(ids)))).max() > 1e-4  # the adapters do something
+    fused, _ = load(fuse(small_converted, out, tmp_path / "float", dequantize=True))
+    assert not is_quantized(fused) and "quantization" not in json.loads((tmp_path / "float" / "config.json").read_text())
+    diff = np.abs(np.array(fused(mx.array(ids))) - expected).max()
+    print(f"QLoRA fused with --dequantize vs unfused: max |logits diff| = {diff:.3g}")
+    assert diff < 1e-3
+    requantized, _ = load(fuse(small_converted, out, tmp_path / "q4"))
+    assert is_quantized(requantized) and json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]["bits"] == 4
+    # Quantized again, on the grid of the new weights: as close as quantizing the base itself is to float.
+    float_base, _ = load(small_converted)
+    yardstick = np.abs(np.array(base(mx.array(ids))) - np.array(float_base(mx.array(ids)))).max()
+    assert np.abs(np.array(requantized(mx.array(ids))) - expected).max() < 2 * yardstick
+
+
+def test_dequantize_also_turns_a_quantized_embedding_back_to_float(small_converted, ids):
+    model, _ = load(small_converted, quantize=True)
+    expected = np.array(model(mx.array(ids)))
+    apply_lora(model, LoRASpec(num_layers=1))
+    fuse_lora(model, dequantize=True)
+    assert not is_quantized(model)
+    assert np.abs(np.array(model(mx.array(ids))) - expected).max() < 1e-3
+
+
+def test_full_fine_tuning_trains_every_weight(small_converted, data_dir, tmp_path, ids):
+    out = tmp_path / "full"
+    train(small_config(small_converted, data_dir, out, full=True, iters=1, learning_rate=1e-3), quiet=True)
+    base, _ = load(small_converted)
+    saved = adapters(out)
+    assert saved.keys() == dict(tree_flatten(base.parameters())).keys()
+    tuned, _ = load(small_converted, adapter_path=out)
+    fused, _ = load(fuse(small_converted, out, tmp_path / "fused"))
+    assert np.array_equal(np.array(tuned(mx.array(ids))), np.array(fused(mx.array(ids))))
