@@ -43,6 +43,17 @@ class KVCache:
         self.values[..., start : self.offset, :] = values
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` positions now (one copy of the filled part), so decoding never grows.
+
+        generate_step sizes the cache to the prompt for the prefill, when activations are largest, and
+        reserves the room for the new tokens after it: the peak holds the prompt's keys, not all of them.
+        """
+        self.capacity = max(self.capacity or 0, capacity)
+        if self.keys is not None and self.keys.shape[2] < self.capacity:
+            self._grow(self.keys[..., :0, :], self.values[..., :0, :])  # nothing new: grows to capacity
+            mx.eval(self.keys, self.values)  # one layer at a time, so old and new buffers never all coexist
+
     def trim(self, n: int) -> int:
         """Forget the last `n` positions (speculative decoding rejects drafted tokens this way)."""
         n = min(self.offset, n)

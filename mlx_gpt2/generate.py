@@ -88,12 +88,16 @@ def generate_step(
     history = window.fit_prompt(list(prompt))
     if not history:
         raise ValueError("generate_step needs at least one prompt token")
-    cache = cache if cache is not None else make_cache(len(model.h), min(window.size, len(history) + max_tokens))
+    own_cache = cache is None
+    cache = cache if cache is not None else make_cache(len(model.h), len(history))
     if cache[0].offset >= len(history):  # a cache holding the whole prompt: recompute its last token's logits
         excess = cache[0].offset - len(history) + 1
         for c in cache:
             c.trim(excess)
     _prefill(model, mx.array(history[cache[0].offset : -1]), cache, prefill_step_size)
+    if own_cache:  # room for the new tokens only now, after the prefill's activations are gone
+        for c in cache:
+            c.reserve(min(window.size, len(history) + max_tokens))
     tokens = mx.array(history)
 
     def step(feed: list[int] | mx.array) -> tuple[mx.array, mx.array]:
@@ -149,6 +153,7 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     peak_memory: float  # GB, as mx.get_peak_memory reports it
+    from_draft: bool = False  # speculative decoding: the draft model proposed this token
 
 
 class _StopFilter:
@@ -201,6 +206,8 @@ def stream_generate(
     on_overflow: Overflow = "slide",
     prefill_step_size: int = 512,
     cache: list[KVCache] | None = None,
+    draft_model: GPT2 | None = None,
+    num_draft: int = 3,
 ) -> Iterator[GenerationResponse]:
     """Yield a GenerationResponse per new token; the text never splits a UTF-8 character."""
     if not isinstance(max_tokens, int) or max_tokens < 0:
@@ -218,11 +225,20 @@ def stream_generate(
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps, n = 0.0, 0
-    steps = generate_step(
-        ids, model, max_tokens=max_tokens, sampler=sampler, logits_processors=processors,
-        prefill_step_size=prefill_step_size, on_overflow=on_overflow, cache=cache,
-    )
-    for n, (token, logprobs) in enumerate(steps, start=1):
+    if draft_model is None:
+        steps = generate_step(
+            ids, model, max_tokens=max_tokens, sampler=sampler, logits_processors=processors,
+            prefill_step_size=prefill_step_size, on_overflow=on_overflow, cache=cache,
+        )
+    else:
+        from .speculative import speculative_generate_step  # imported here: it imports this module
+
+        steps = speculative_generate_step(
+            ids, model, draft_model, num_draft=num_draft, max_tokens=max_tokens, temp=temp, top_k=top_k,
+            top_p=top_p, min_p=min_p, logits_processors=processors, prefill_step_size=prefill_step_size,
+            on_overflow=on_overflow, cache=cache,
+        )
+    for n, (token, logprobs, *drafted) in enumerate(steps, start=1):
         if n == 1:
             prompt_tps = len(ids) / (time.perf_counter() - tic)
             tic = time.perf_counter()
@@ -237,7 +253,7 @@ def stream_generate(
         elapsed = max(time.perf_counter() - tic, 1e-9)
         yield GenerationResponse(
             text, token, logprobs[token].item(), finish, len(ids), prompt_tps, n, n / elapsed,
-            mx.get_peak_memory() / 1e9,
+            mx.get_peak_memory() / 1e9, bool(drafted and drafted[0]),
         )
         if finish:
             return
@@ -265,13 +281,15 @@ def generate(
     ignore_eos: bool = False,
     on_overflow: Overflow = "slide",
     verbose: bool = False,
+    draft_model: GPT2 | None = None,
+    num_draft: int = 3,
 ) -> str:
     """Generate and return the new text (the prompt is not repeated)."""
     pieces, last = [], None
     for last in stream_generate(
         model, tokenizer, prompt, max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p,
         min_p=min_p, repetition_penalty=repetition_penalty, logit_bias=logit_bias, seed=seed,
-        stop=stop, ignore_eos=ignore_eos, on_overflow=on_overflow,
+        stop=stop, ignore_eos=ignore_eos, on_overflow=on_overflow, draft_model=draft_model, num_draft=num_draft,
     ):
         pieces.append(last.text)
         if verbose:

@@ -22,6 +22,10 @@ def _gelu_tanh(x: mx.array) -> mx.array:
     return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
+# Eight elementwise ops in one kernel: fewer kernels per token, and no 4x-wide temporaries in the prefill.
+_gelu_tanh = mx.compile(_gelu_tanh, shapeless=True)
+
+
 _ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
     "gelu_new": _gelu_tanh,
     "gelu_fast": _gelu_tanh,
