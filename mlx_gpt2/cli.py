@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, TypeVar
@@ -73,19 +74,40 @@ def generate(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float32, float16 or bfloat16."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and peak memory to stderr."),
+    adapter_path: Optional[Path] = typer.Option(None, "--adapter-path", help="LoRA adapters saved by `mlx-gpt2 lora`."),
+    draft_model: Optional[str] = typer.Option(None, "--draft-model", help="Speculative decoding: a small model with the same tokenizer."),
+    num_draft: int = typer.Option(3, "--num-draft", help="Tokens the draft model proposes per step (>= 1)."),
+    num_beams: int = typer.Option(1, "--num-beams", help="Beam search with this many beams (1: off); greedy, not streamed."),
+    length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="Beam score = log-prob sum / length ** this (default 1)."),
+    early_stopping: bool = typer.Option(False, "--early-stopping", help="Beam search ends once num_beams hypotheses are finished."),
+    prompt_cache: Optional[Path] = typer.Option(None, "--prompt-cache", help="A file from `mlx-gpt2 cache-prompt`; --prompt continues its text."),
 ) -> None:
     """Generate text from a prompt, streamed to stdout."""
     from . import load, stream_generate
 
     text = sys.stdin.read() if prompt == "-" else prompt
     bias = parse_logit_bias(logit_bias)
-    lm, tokenizer = load(model, revision=revision, dtype=dtype)
-    last = None
+    lm, tokenizer = load(model, revision=revision, dtype=dtype, adapter_path=adapter_path)
+    if num_beams != 1 or length_penalty is not None or early_stopping:
+        return _generate_beams(
+            lm, tokenizer, text, num_beams, max_tokens, length_penalty, early_stopping, ignore_eos,
+            {"--temp": temp != 0, "--top-k": top_k != 0, "--top-p": top_p != 1, "--min-p": min_p != 0,
+             "--repetition-penalty": repetition_penalty is not None, "--logit-bias": bias, "--stop": stop,
+             "--draft-model": draft_model, "--prompt-cache": prompt_cache},
+        )
+    draft = load(draft_model, revision=None, dtype=dtype)[0] if draft_model else None
+    cache, ids = None, text
+    if prompt_cache is not None:
+        from .prompt_cache import prepare_cached_prompt
+
+        cache, ids = prepare_cached_prompt(prompt_cache, lm, tokenizer, text)
+    last, drafted = None, 0
     for last in stream_generate(
-        lm, tokenizer, text, max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+        lm, tokenizer, ids, max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, logit_bias=bias, seed=seed, stop=stop or None,
-        ignore_eos=ignore_eos, on_overflow=on_overflow,
+        ignore_eos=ignore_eos, on_overflow=on_overflow, cache=cache, draft_model=draft, num_draft=num_draft,
     ):
+        drafted += last.from_draft
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -96,6 +118,27 @@ def generate(
             f"peak memory: {last.peak_memory:.3f} GB\nfinish reason: {last.finish_reason}",
             err=True,
         )
+        if draft is not None:
+            typer.echo(f"draft: {drafted} of {last.generation_tokens} tokens proposed by the draft model", err=True)
+
+
+def _generate_beams(
+    lm, tokenizer, text: str, num_beams: int, max_tokens: int, length_penalty: Optional[float],
+    early_stopping: bool, ignore_eos: bool, conflicts: dict,
+) -> None:
+    """`generate --num-beams`: beam search is greedy and whole-sequence, so it prints its text at the end."""
+    from .beam import beam_generate
+
+    if num_beams == 1:
+        raise UserError("--length-penalty and --early-stopping apply to beam search: add --num-beams N (N >= 2)")
+    given = [flag for flag, value in conflicts.items() if value]
+    if given:
+        raise UserError(f"--num-beams is greedy beam search and does not combine with {', '.join(given)}")
+    typer.echo(beam_generate(
+        lm, tokenizer, text, num_beams=num_beams, max_tokens=max_tokens,
+        length_penalty=1.0 if length_penalty is None else length_penalty, early_stopping=early_stopping,
+        ignore_eos=ignore_eos,
+    ))
 
 
 @app.command()
@@ -106,12 +149,31 @@ def convert(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize the weights (4 bits, group 64 unless told)."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Bits per weight: 2, 3, 4, 6 or 8 (implies --quantize)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Weights per scale: 32, 64 or 128 (implies --quantize)."),
+    keep_embeddings: bool = typer.Option(False, "--keep-embeddings", help="Leave the token embedding / output head in float."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="'mixed': the most sensitive layers at 8 bits."),
 ) -> None:
     """Convert a GPT-2 checkpoint from the Hugging Face Hub (or a local directory) to MLX."""
-    from .convert import convert as run_convert
+    import warnings
 
-    path = run_convert(source, out, dtype=dtype, revision=revision, force=force)
-    typer.echo(f"wrote {path}")
+    from .convert import convert as run_convert
+    from .quantize import QuantizeConfig
+
+    spec = None
+    if quantize or bits is not None or group_size is not None or keep_embeddings or recipe is not None:
+        spec = QuantizeConfig(
+            bits=4 if bits is None else bits, group_size=64 if group_size is None else group_size,
+            keep_embeddings=keep_embeddings, recipe=recipe,
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = run_convert(source, out, dtype=dtype, revision=revision, force=force, quantize=spec)
+    for warning in caught:  # one line each, without warnings' file:line prefix
+        typer.echo(f"warning: {warning.message}", err=True)
+    summary = json.loads((path / "config.json").read_text())["mlx_gpt2"].get("quantization")
+    typer.echo(f"wrote {path}" + (f" ({summary['bits_per_weight']:.2f} bits per weight)" if summary else ""))
 
 
 def _register_command_groups() -> None:
