@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import mlx.core as mx
 import pytest
 import torch
 from pydoc_data.topics import topics
