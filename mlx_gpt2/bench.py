@@ -217,8 +217,9 @@ def ratios(record: dict) -> list[dict]:
                 load=_per_run_ratio(record, key, "load_s", "mlx-gpt2", "mlx-lm", invert=True),
                 same_tokens=ours["tokens"] == lm["tokens"],
             )
-        if ours and rows.get((*key, "transformers")):
-            entry["vs_transformers_decode"] = _per_run_ratio(record, key, "decode_tps", "mlx-gpt2", "transformers")
+        reference = rows.get((*key, "transformers"))
+        if ours and reference:  # transformers usually runs once: a ratio of medians, not of paired runs
+            entry["vs_transformers_decode"] = _stats([ours["decode_tps"]["median"] / reference["decode_tps"]["median"]])
         if ours and rows.get((*key, "mlx-gpt2-plain")):
             entry["vs_plain_decode"] = _per_run_ratio(record, key, "decode_tps", "mlx-gpt2", "mlx-gpt2-plain")
         out.append(entry)

@@ -106,10 +106,12 @@ def _doctor_lines(info: dict) -> list[str]:
     if "with_openblas" in info:
         other = info["with_openblas"]
         gain = other["gemm_gflops"] / here["gemm_gflops"]
+        decode = lambda m: min(m["head_ms"].values()) + 48 * min(m["block_gemv_ms"].values())  # ~ gpt2's products
         lines += [
-            f"with OpenBLAS:  {other['gemm_gflops']:.1f} GFLOP/s ({gain:.1f}x, prefill-sized products); decode head "
-            f"{other['head_ms']['input-major']:.1f} ms, decode MLP {other['block_gemv_ms']['input-major']:.2f} ms; "
-            f"max rel error {other['matmul_rel_error']:.1e} ({'same numerics' if other['matmul_rel_error'] < 1e-5 else 'CHECK NUMERICS'})",
+            f"with OpenBLAS:  {other['gemm_gflops']:.1f} GFLOP/s ({gain:.1f}x: prompts, perplexity, training); decode head "
+            f"{min(other['head_ms'].values()):.1f} ms, decode MLP {min(other['block_gemv_ms'].values()):.2f} ms "
+            f"({decode(here) / decode(other):.2f}x for decoding); max rel error {other['matmul_rel_error']:.1e} "
+            f"({'same numerics' if other['matmul_rel_error'] < 1e-5 else 'CHECK NUMERICS'})",
             f"to use it:      mlx-gpt2 with-openblas generate ...   (or LD_PRELOAD={lib} mlx-gpt2 generate ...)",
         ]
     elif lib and "OpenBLAS" not in here["blas"]:
