@@ -178,10 +178,17 @@ def _stats(values: list[float]) -> dict | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else None
 
 
+def _order(key: tuple) -> tuple:
+    """Rows in a fixed order whatever order the records came in: shape, batch, dtype, engine."""
+    shape, dtype, batch, *engine = key
+    rank = lambda seq, x: list(seq).index(x) if x in seq else len(seq)
+    return (rank(SHAPES, shape), shape, batch, rank(DTYPES, dtype), *(rank(ENGINES, e) for e in engine))
+
+
 def summarize(record: dict) -> list[dict]:
     """One row per (shape, dtype, batch, engine): median, min and max of every metric over the runs."""
     groups: dict[tuple, list[dict]] = {}
-    for r in record["runs"]:
+    for r in sorted(record["runs"], key=lambda r: _order((r["shape"], r["dtype"], r["batch"], r["engine"]))):
         groups.setdefault((r["shape"], r["dtype"], r["batch"], r["engine"]), []).append(r)
     rows = []
     for (shape, dtype, batch, engine), runs in groups.items():
@@ -201,7 +208,7 @@ def _per_run_ratio(record: dict, key: tuple, metric: str, a: str, b: str, invert
 
 def ratios(record: dict) -> list[dict]:
     """mlx-gpt2 over mlx-lm (and over transformers) for each (shape, dtype, batch)."""
-    keys = list(dict.fromkeys((r["shape"], r["dtype"], r["batch"]) for r in record["runs"]))
+    keys = sorted(set((r["shape"], r["dtype"], r["batch"]) for r in record["runs"]), key=_order)
     rows = {(r["shape"], r["dtype"], r["batch"], r["engine"]): r for r in summarize(record)}
     out = []
     for key in keys:
@@ -257,14 +264,17 @@ def markdown(record: dict) -> str:
 
 
 def _conversion_table(conversions: list[dict]) -> list[str]:
+    """Seconds per converter for each (shape, dtype): median (min–max) over every conversion recorded."""
     if not conversions:
         return []
-    by_key: dict[tuple, dict] = {}
-    for c in conversions:
-        by_key.setdefault((c["shape"], c["dtype"]), {})[c["engine"]] = c["seconds"]
-    lines = ["", "| shape | dtype | mlx-gpt2 convert s | mlx_lm.convert s | speed × |", "| --- | --- | --- | --- | --- |"]
-    for (shape, dtype), t in by_key.items():
-        ours, lm = t.get("mlx-gpt2"), t.get("mlx-lm")
-        ratio = f"{lm / ours:.2f}×" if ours and lm else "–"
-        lines.append(f"| {shape} | {dtype} | {ours or 0:.2f} | {lm or 0:.2f} | {ratio} |")
+    times: dict[tuple, dict[str, list[float]]] = {}
+    for c in sorted(conversions, key=lambda c: _order((c["shape"], c["dtype"], 1))):
+        times.setdefault((c["shape"], c["dtype"]), {}).setdefault(c["engine"], []).append(c["seconds"])
+    lines = ["", "| shape | dtype | conversions | mlx-gpt2 convert s | mlx_lm.convert s | mlx-gpt2 speed × |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for (shape, dtype), t in times.items():
+        ours, lm = _stats(t.get("mlx-gpt2", [])), _stats(t.get("mlx-lm", []))
+        ratio = f"{lm['median'] / ours['median']:.2f}×" if ours and lm else "–"
+        n = max(len(v) for v in t.values())
+        lines.append(f"| {shape} | {dtype} | {n} | {_fmt(ours)} | {_fmt(lm)} | {ratio} |")
     return lines

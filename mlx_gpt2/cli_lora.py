@@ -37,7 +37,7 @@ def lora_command(
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Max global gradient norm; 0 turns clipping off."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warmup steps (default: min(100, iters / 10)); then cosine."),
     weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay."),
-    grad_checkpoint: bool = typer.Option(True, "--grad-checkpoint/--no-grad-checkpoint", help="Recompute each block's activations in the backward pass: a third of the memory, ~25% slower."),
+    grad_checkpoint: bool = typer.Option(True, "--grad-checkpoint/--no-grad-checkpoint", help="Recompute each block's activations in the backward pass: less than half the memory, about 15% slower."),
     steps_per_report: int = typer.Option(10, "--steps-per-report", help="Steps between progress lines."),
     steps_per_eval: int = typer.Option(100, "--steps-per-eval", help="Steps between validation losses."),
     val_batches: int = typer.Option(25, "--val-batches", help="Validation batches per evaluation (-1: all)."),
