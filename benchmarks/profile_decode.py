@@ -22,7 +22,6 @@ import statistics
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from mlx_gpt2 import GPT2, generate_step, make_cache
 from mlx_gpt2.backend import use_input_major

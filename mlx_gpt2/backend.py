@@ -2,15 +2,19 @@
 
 Two facts about MLX's CPU backend (measured in benchmarks/RESULTS.md) decide the defaults here:
 
-- float16 matrix products run ~4x slower than float32 (bfloat16 about as fast as float32, never faster),
-  so a 16-bit checkpoint is computed in float32 on the CPU. Metal and CUDA keep the checkpoint's dtype.
+- float16 matrix products run 3-5x slower than float32 (bfloat16 about as fast as float32, never faster;
+  float16 quantization scales make quantized products ~50x slower), so 16-bit weights and scales are
+  computed in float32 on the CPU, at twice their memory. Metal and CUDA keep the checkpoint's dtype.
 - `x @ W.T` with W stored `(out, in)` -- the layout of `nn.Linear`, and the one every checkpoint uses --
   is the slow case of the CPU matmul: reference BLAS reduces each output over a strided inner product,
   and MLX's CPU quantized kernels likewise. The same product with W's memory laid out `(in, out)` runs
-  2-4x faster. `use_input_major` keeps every weight's shape `(out, in)` and its values, and changes only
+  2.5-3x faster (1.7x for the 50257-wide head). `use_input_major` keeps every weight's shape `(out, in)` and its values, and changes only
   where its numbers sit in memory: the parameter becomes a transposed view of an `(in, out)` buffer, so
   `nn.Linear` (which computes `x @ weight.T`) reads contiguous rows. Names, shapes, saving, quantizing,
   LoRA and gradients all see the same array as before; there is no second copy of any weight.
+  Quantized layers cannot be re-laid without re-quantizing (which would change their numbers): they
+  stay as stored. On Metal and CUDA, whose kernels are built for `x @ W.T`, weights stay as stored
+  (no GPU was available to measure the other layout there).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def backend_name() -> str:
 def default_dtype(checkpoint_dtype: mx.Dtype) -> mx.Dtype:
     """The compute dtype for weights stored as `checkpoint_dtype` on the current backend.
 
-    CPU: float32 for every float checkpoint (16-bit matmuls are no faster there, float16 ~4x slower).
+    CPU: float32 for every float checkpoint (16-bit matmuls are no faster there, float16 3-5x slower).
     Metal and CUDA: the checkpoint's own dtype (half the memory traffic, and fast kernels).
     """
     if backend_name() == "cpu" and checkpoint_dtype in (mx.float16, mx.bfloat16):

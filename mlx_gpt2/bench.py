@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -148,16 +147,24 @@ def benchmark(options: BenchOptions, log: Callable[[str], None] = print) -> dict
                 if batch > 1 and not _batch_available():
                     record["pending"].append(f"{shape} {dtype} batch {batch}: mlx_gpt2.batch is not there yet")
                     engines = [e for e in engines if not e.startswith("mlx-gpt2")]
-                for run in range(options.runs):
-                    order = [e for e in engines if e != "transformers" or run < options.reference_runs]
-                    for engine in order if run % 2 == 0 else order[::-1]:  # alternate who goes first
-                        result = run_step(_measure_spec(engine, dirs[engine], dtype, batch, options), options.isolate)
-                        result.update(shape=shape, dtype=dtype, batch=batch, engine=engine, run=run)
-                        record["runs"].append(result)
-                        log(_progress(result))
+                record["runs"] += _runs(shape, dtype, batch, engines, dirs, options, log)
     record["machine"]["loadavg_end"] = _loadavg()
     record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return record
+
+
+def _runs(shape: str, dtype: str, batch: int, engines: list[str], dirs: dict, options: BenchOptions,
+          log: Callable[[str], None]) -> list[dict]:
+    """`options.runs` rounds of every engine on one (shape, dtype, batch); who goes first alternates."""
+    results = []
+    for run in range(options.runs):
+        order = [e for e in engines if e != "transformers" or run < options.reference_runs]
+        for engine in order if run % 2 == 0 else order[::-1]:
+            result = run_step(_measure_spec(engine, dirs[engine], dtype, batch, options), options.isolate)
+            result.update(shape=shape, dtype=dtype, batch=batch, engine=engine, run=run)
+            results.append(result)
+            log(_progress(result))
+    return results
 
 
 def _progress(r: dict) -> str:

@@ -11,6 +11,7 @@ mlx-lm, transformers and torch are imported only here, only when asked for; the 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -208,7 +209,9 @@ def run_mlx_lm_batch(directory: Path, prompts: list[list[int]], gen_tokens: int)
 def measure(spec: dict) -> dict:
     """Time one engine on one converted directory; `spec` says which (see bench.py's _measure_spec)."""
     engine, directory, batch = spec["engine"], Path(spec["dir"]), spec["batch"]
-    mx.reset_peak_memory()  # a fresh process has nothing to reset; an in-process run (--no-isolate) does
+    gc.collect()  # a fresh process has nothing to free or reset; an in-process run (--no-isolate) does
+    mx.clear_cache()
+    mx.reset_peak_memory()
     prompts = prompt_ids(spec["prompt_tokens"], batch)
     gen = spec["gen_tokens"]
     if batch > 1:

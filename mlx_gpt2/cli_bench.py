@@ -53,7 +53,7 @@ def bench_command(
     prompt_tokens: int = typer.Option(512, "--prompt-tokens", help="Prompt length for prefill (batch 1)."),
     gen_tokens: int = typer.Option(256, "--gen-tokens", help="New tokens per run (EOS ignored)."),
     batch_prompt_tokens: int = typer.Option(64, "--batch-prompt-tokens", help="Prompt length per row when batch > 1."),
-    quick: bool = typer.Option(False, "--quick", help="A seconds-long smoke run: 2-layer model, 16+8 tokens, 1 run."),
+    quick: bool = typer.Option(False, "--quick", help="A seconds-long smoke run: 2-layer model, 16+8 tokens, 1 run, in this process (its memory and load columns mean little)."),
     model: Optional[Path] = typer.Option(None, "--model", help="A Hub-format checkpoint directory to use instead of random weights."),
     work_dir: Path = typer.Option(Path("~/.cache/mlx-gpt2/bench"), "--work-dir", help="Where checkpoints and conversions go."),
     isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="Each measurement in a fresh process (clean memory and load time)."),

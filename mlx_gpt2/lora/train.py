@@ -281,7 +281,8 @@ def stop_at_step_boundary() -> Iterator[dict[str, bool]]:
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:  # None: a handler installed outside Python, which cannot be put back
+            signal.signal(signal.SIGINT, previous)
 
 
 class Trainer:
