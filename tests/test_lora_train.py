@@ -32,8 +32,7 @@ def adapters(path: Path) -> dict[str, np.ndarray]:
 
 def test_training_lowers_validation_loss_on_real_text(request, tmp_path):
     """A GPT-2 trained on Python's documentation, fine-tuned on the GPL: held-out GPL text gets likelier."""
-    if not (Path(__file__).parent / "data" / "trained-small").is_dir():
-        pytest.skip("tests/data/trained-small (the trained fixture model) is not in this checkout")
+    assert (Path(__file__).parent / "data" / "trained-small").is_dir(), "tests/data/trained-small is missing"
     model = request.getfixturevalue("trained_small_dir")
     write_jsonl(tmp_path / "data" / "train.jsonl", [{"text": p} for p in paragraphs(40)])
     write_jsonl(tmp_path / "data" / "valid.jsonl", [{"text": p} for p in paragraphs(6, offset=40)])
