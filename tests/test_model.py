@@ -62,6 +62,26 @@ def test_each_activation_equals_transformers(name):
     assert diff <= 2e-6
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_gpt2_gelu_and_its_gradient_equal_torch_in_every_dtype(dtype):
+    """GPT-2's GELU is a rational tanh with a hand-written derivative: both against torch's, rounded once."""
+    from mlx_gpt2.model import _ACTIVATIONS
+
+    x = np.linspace(-12, 12, 4801, dtype=np.float32)
+    gelu = _ACTIVATIONS["gelu_new"]
+    xm = mx.array(x).astype(getattr(mx, dtype))
+    ours, grad = gelu(xm), mx.grad(lambda v: gelu(v).astype(mx.float32).sum())(xm)
+    assert ours.dtype == grad.dtype == xm.dtype
+    xt = torch.tensor(np.array(xm.astype(mx.float32)), dtype=torch.float64, requires_grad=True)
+    ref = torch.nn.functional.gelu(xt, approximate="tanh")
+    ref.sum().backward()
+    ulp = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}[dtype]  # about one rounding of the dtype
+    for name, a, b in (("value", ours, ref.detach()), ("gradient", grad, xt.grad)):
+        err = np.abs(np.array(a.astype(mx.float32), dtype=np.float64) - b.numpy()) / np.maximum(np.abs(b.numpy()), 1)
+        print(f"{dtype} {name}: max relative error {err.max():.2g}")
+        assert err.max() <= ulp
+
+
 def test_activation_test_can_fail():
     from mlx_gpt2.model import _ACTIVATIONS
 
