@@ -68,6 +68,27 @@ def test_stop_and_resume_ends_exactly_like_an_uninterrupted_run(small_converted,
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_micro_batches_train_exactly_like_one_pass_over_the_batch(small_converted, tmp_path):
+    """Splitting each batch into passes of fewer rows changes memory, not the training (up to rounding).
+
+    Rows of different lengths, with padding masked out, make a per-pass mean differ from the batch mean:
+    the step must weight every token the same however the batch is split.
+    """
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", [{"text": p[: 60 + 37 * (i % 5)]} for i, p in enumerate(paragraphs(16))])
+    runs = {}
+    for rows in (4, 1, 3):
+        config = small_config(small_converted, data, tmp_path / f"rows-{rows}", iters=3, batch_size=4,
+                              micro_batch_size=rows, max_seq_length=48, warmup=0, val_batches=0)  # fmt: skip
+        runs[rows] = (train(config, quiet=True).losses, adapters(tmp_path / f"rows-{rows}"))
+    (losses, weights) = runs[4]
+    for rows in (1, 3):
+        other_losses, other = runs[rows]
+        diff = max(np.abs(weights[k] - other[k]).max() for k in weights)
+        print(f"micro-batches of {rows} rows vs one pass of 4: losses {other_losses} vs {losses}, max |adapter diff| {diff:.2g}")
+        assert np.allclose(other_losses, losses, rtol=1e-5) and diff < 1e-5
+
+
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint(small_converted, data_dir, tmp_path):
     def press_ctrl_c(step: int, loss: float) -> None:
         if step == 2:

@@ -79,7 +79,7 @@ def worker_ours(s: dict) -> dict:
 
     options = {} if s["defaults"] else dict(
         batch_size=s["batch_size"], max_seq_length=s["seq"], rank=8, scale=2.0, learning_rate=2e-4,
-        grad_checkpoint=s["grad_checkpoint"], warmup=0,
+        grad_checkpoint=s["grad_checkpoint"], warmup=0, micro_batch_size=s.get("micro_batch_size"),
     )
     train(TrainConfig(model=s["model"], data=s["data"], adapter_path=s["out"], iters=s["iters"], val_batches=1,
                       steps_per_report=s["report"], steps_per_eval=10**6, save_every=10**6, **options))  # fmt: skip
@@ -147,6 +147,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--micro-batch-size", type=int, help="ours: rows per forward/backward pass (default: its own, 2)")
     p.add_argument("--qlora", action="store_true", help="both tools train on the same 4-bit directory")
     p.add_argument("--defaults", action="store_true", help="ours with its own defaults (for the memory target)")
     p.add_argument("--repeats", type=int, default=1)
@@ -165,10 +166,10 @@ def main() -> None:
         for tool in tools:
             settings = dict(model=str(model), data=str(data), out=str(a.work / f"run-{tool}"), iters=a.iters,
                             report=a.report, batch_size=a.batch_size, seq=a.seq, grad_checkpoint=a.grad_checkpoint,
-                            defaults=a.defaults)  # fmt: skip
+                            defaults=a.defaults, micro_batch_size=a.micro_batch_size)  # fmt: skip
             result = run(tool, settings, not a.no_openblas)
             print(json.dumps({"tool": tool, "repeat": repeat, "qlora": a.qlora, **{k: v for k, v in settings.items()
-                              if k in ("batch_size", "seq", "grad_checkpoint", "iters", "defaults")}, **result}), flush=True)  # fmt: skip
+                              if k in ("batch_size", "seq", "grad_checkpoint", "iters", "defaults", "micro_batch_size")}, **result}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -83,10 +83,15 @@ def fused_head_loss(head: Callable, hidden: mx.array, targets: mx.array, mask: m
 def _slice_loss_and_grad(head: Callable, h: mx.array, t: mx.array, m: mx.array) -> mx.array:
     """[n, D + 1]: d loss / d h in the first D columns, each token's masked loss in the last."""
     logits = head(h).astype(mx.float32)  # [n, vocab]
-    lse = mx.logsumexp(logits, axis=-1)
+    # One exp per logit, shared by the loss and the softmax (logsumexp then softmax would take two): on the
+    # CPU backend exp runs one element at a time, and 50257 of them per token are a measurable part of a step.
+    top = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+    e = mx.exp(logits - top)
+    total = e.sum(axis=-1, keepdims=True)
+    lse = (top + mx.log(total))[:, 0]
     picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
     # d loss / d logits = (softmax - onehot(target)) * mask, then back through the head to the hidden state
-    grad = mx.exp(logits - lse[:, None]) * m[:, None]
+    grad = e * (m[:, None] / total)
     grad = mx.put_along_axis(grad, t[:, None], mx.take_along_axis(grad, t[:, None], axis=-1) - m[:, None], axis=-1)
     _, (grad_h,) = mx.vjp(head, [h], [grad.astype(h.dtype)])
     return mx.concatenate([grad_h.astype(mx.float32), ((lse - picked) * m)[:, None]], axis=1)
