@@ -15,6 +15,11 @@ Two facts about MLX's CPU backend (measured in benchmarks/RESULTS.md) decide the
   Quantized layers cannot be re-laid without re-quantizing (which would change their numbers): they
   stay as stored. On Metal and CUDA, whose kernels are built for `x @ W.T`, weights stay as stored
   (no GPU was available to measure the other layout there).
+- MLX's CPU quantized matmul is a plain loop: as fast as the float product for one row (decode), but
+  2-2.4x slower than dequantizing the weight and multiplying input-major through BLAS once a product has
+  hundreds of rows (prefill, perplexity, training). `use_dequantized_products` makes the quantized layers
+  take that path from DEQUANTIZE_ROWS rows on: the same numbers (the weight is dequantized exactly as the
+  kernel does), one layer's float weight alive at a time, nothing changed in what is stored.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 LAYOUTS = ("auto", "input-major", "checkpoint")
+# From this many rows on, a quantized product dequantizes its weight on the CPU (measured crossover: 8-16
+# rows of gpt2's 2304 x 768 c_attn; at 512 rows the float path is 2.1-2.4x faster, benchmarks/RESULTS.md).
+DEQUANTIZE_ROWS = 16
 
 
 def backend_name() -> str:
@@ -92,8 +100,47 @@ def use_input_major(model: nn.Module, *, evaluate: bool = False) -> nn.Module:
     return model
 
 
+def _many_rows_on_cpu(x: mx.array) -> bool:
+    return x.size >= DEQUANTIZE_ROWS * x.shape[-1] and mx.default_device() == mx.cpu
+
+
+def _dequantized(m: nn.Module, dtype: mx.Dtype) -> mx.array:
+    w = mx.dequantize(m["weight"], m["scales"], m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
+    return w.astype(dtype)
+
+
+class CPUQuantizedLinear(nn.QuantizedLinear):
+    """`nn.QuantizedLinear` that multiplies many rows through BLAS, with its weight dequantized input-major."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not _many_rows_on_cpu(x):
+            return super().__call__(x)
+        y = x @ mx.contiguous(_dequantized(self, x.dtype).T)  # (in, out): the fast case of the CPU matmul
+        return y + self["bias"] if "bias" in self else y
+
+
+class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
+    """`nn.QuantizedEmbedding` whose output-head product (`as_linear`) takes the same path as above."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if not _many_rows_on_cpu(x):
+            return super().as_linear(x)
+        # Left (vocab, D): a re-laid copy of gpt2's 154 MB head would double the transient memory.
+        return x @ _dequantized(self, x.dtype).T
+
+
+def use_dequantized_products(model: nn.Module) -> nn.Module:
+    """Give every MLX quantized layer of `model` the many-rows path above (same parameters, same numbers)."""
+    swaps = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
+    for _, module in model.named_modules():
+        if type(module) in swaps:
+            module.__class__ = swaps[type(module)]  # the parameters stay where they are
+    return model
+
+
 def prepare(model: nn.Module, *, layout: str = "auto", evaluate: bool = False) -> nn.Module:
-    """Apply the backend's fastest weight layout (see `resolve_layout`); returns `model`."""
+    """Apply the backend's fastest weight layout and quantized path (see `resolve_layout`); returns `model`."""
     if resolve_layout(layout):
         use_input_major(model, evaluate=evaluate)
+        use_dequantized_products(model)
     return model

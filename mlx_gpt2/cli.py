@@ -153,7 +153,8 @@ def convert(
     bits: Optional[int] = typer.Option(None, "--bits", help="Bits per weight: 2, 3, 4, 6 or 8 (implies --quantize)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Weights per scale: 32, 64 or 128 (implies --quantize)."),
     keep_embeddings: bool = typer.Option(False, "--keep-embeddings", help="Leave the token embedding / output head in float."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="'mixed': the most sensitive layers at 8 bits."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="'mixed': the most sensitive layers at 8 bits, fitted scales."),
+    fit_scales: bool = typer.Option(False, "--fit-scales", help="Fit each group's scale and bias by least squares (lower error, same size)."),
 ) -> None:
     """Convert a GPT-2 checkpoint from the Hugging Face Hub (or a local directory) to MLX."""
     import warnings
@@ -162,10 +163,10 @@ def convert(
     from .quantize import QuantizeConfig
 
     spec = None
-    if quantize or bits is not None or group_size is not None or keep_embeddings or recipe is not None:
+    if quantize or bits is not None or group_size is not None or keep_embeddings or recipe is not None or fit_scales:
         spec = QuantizeConfig(
             bits=4 if bits is None else bits, group_size=64 if group_size is None else group_size,
-            keep_embeddings=keep_embeddings, recipe=recipe,
+            keep_embeddings=keep_embeddings, recipe=recipe, fit_scales=fit_scales,
         )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -43,6 +43,8 @@ MIXED_HIGH_BITS = 8
 MIXED_ORDER = ("attn.c_attn", "attn.c_proj", "mlp.c_proj", "mlp.c_fc")
 MIXED_EXTRA_BITS = 0.9
 SCALE_BITS = 32  # a float16 scale and a float16 bias per group, as stored
+FIT_SHRINKS = (1.0, 0.9, 0.8, 0.7)  # fit_affine's starting ranges, as fractions of each group's min-max range
+FIT_STEPS = 6  # least-squares refits from each start: the error stops falling after ~5
 
 
 class QuantizationWarning(UserWarning):
@@ -55,13 +57,16 @@ class QuantizeConfig:
 
     bits: 2, 3, 4, 6 or 8. group_size: 32, 64 or 128 weights share one scale and bias. keep_embeddings:
     leave the tied token embedding / output head in float. recipe: None (every layer at `bits`) or
-    "mixed" (the layers measured most sensitive at 8 bits, the rest at `bits`).
+    "mixed" (the layers measured most sensitive at 8 bits, the rest at `bits`, all with fitted scales).
+    fit_scales: fit each group's scale and bias by least squares instead of MLX's min/max rule (see
+    `fit_affine`): the same format and size, a lower error, a slower conversion.
     """
 
     bits: int = 4
     group_size: int = 64
     keep_embeddings: bool = False
     recipe: str | None = None
+    fit_scales: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in BITS or isinstance(self.bits, bool):
@@ -83,7 +88,7 @@ class QuantizeConfig:
         if isinstance(value, dict):
             unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
             if unknown:
-                raise UserError(f"quantize= got unknown option(s) {', '.join(sorted(unknown))}; use bits, group_size, keep_embeddings, recipe")
+                raise UserError(f"quantize= got unknown option(s) {', '.join(sorted(unknown))}; use bits, group_size, keep_embeddings, recipe, fit_scales")
             return cls(**value)
         raise UserError(f"quantize= takes True, a dict or a QuantizeConfig, got {type(value).__name__}")
 
@@ -183,12 +188,80 @@ def quantize_model(model: nn.Module, spec: QuantizeConfig | dict | bool) -> dict
     if is_quantized(model):
         raise UserError("this model is already quantized; load its float version to quantize it again")
     layers = plan(model, spec)
+    fit = spec.fit_scales or spec.recipe == "mixed"
+    floats = {path: m.weight for path, m in _quantizable(model).items() if layers.get(path)} if fit else {}
     nn.quantize(model, class_predicate=lambda path, _: layers.get(path) or False)
     for path, module in model.named_modules():
         if layers.get(path) is not None:
-            _round_scales_to_16_bits(module)
+            if path in floats:
+                module.weight, module.scales, module.biases = fit_affine(floats.pop(path), **layers[path])
+            else:
+                _round_scales_to_16_bits(module)
             mx.eval(module.parameters())
     return to_config(layers, spec)
+
+
+def fit_affine(w: mx.array, *, bits: int, group_size: int, mode: str = MODE) -> tuple[mx.array, mx.array, mx.array]:
+    """`mx.quantize(w)`'s (packed, scales, biases), with each group's scale and bias fitted by least squares.
+
+    MLX maps each group's min and max onto the end levels, so one outlier stretches the step for all 64
+    weights. Here each group starts from MLX's choice and from its min-max range shrunk by each of
+    FIT_SHRINKS around its middle (clipping the outliers); from each start, the levels and the line
+    (scale, bias) are refitted in turn FIT_STEPS times, each the least-squares best for the other (Lloyd's
+    iteration on an evenly spaced grid). Every group keeps its best of all those, with scales and biases
+    rounded to the float16 they are stored in, so it is never worse than MLX's. Same format and size: MLX
+    (and mlx-lm) dequantize it unchanged. On tests/data/trained-small's token embedding at 4 bits: 18%
+    less squared error, about half the KL divergence (benchmarks/quantization/REPORT.md).
+    """
+    assert mode == MODE
+    top = 2**bits - 1
+    g = w.astype(mx.float32).reshape(-1, group_size)
+    low, high = g.min(axis=-1, keepdims=True), g.max(axis=-1, keepdims=True)
+    g_mean = g.mean(axis=-1, keepdims=True)
+    _, mlx_scales, mlx_biases = mx.quantize(w, group_size=group_size, bits=bits)
+    starts = [(mlx_scales.reshape(-1, 1), mlx_biases.reshape(-1, 1))]  # MLX's own: never worse than it
+    for shrink in FIT_SHRINKS:
+        half = (high - low) / 2 * shrink
+        starts.append((mx.maximum(2 * half / top, 1e-8), (low + high) / 2 - half))
+    best = None
+    for s, b in starts:
+        s, b = _as_stored(s), _as_stored(b)
+        for _ in range(FIT_STEPS):
+            q = mx.clip(mx.round((g - b) / s), 0, top)
+            err = mx.square(s * q + b - g).sum(axis=-1, keepdims=True)
+            if best is None:
+                best = (err, q, s, b)
+            else:
+                better = err < best[0]
+                best = tuple(mx.where(better, new, old) for new, old in zip((err, q, s, b), best))
+            q_mean = q.mean(axis=-1, keepdims=True)
+            var = mx.square(q - q_mean).sum(axis=-1, keepdims=True)
+            slope = ((q - q_mean) * (g - g_mean)).sum(axis=-1, keepdims=True) / mx.maximum(var, 1e-30)
+            s = _as_stored(mx.where((var > 0) & (slope > 0), slope, s))
+            b = _as_stored(g_mean - s * q_mean)
+            mx.eval(best, s, b)
+    _, q, s, b = best
+    rows = w.shape[0]
+    return pack_levels(q.reshape(rows, -1).astype(mx.uint32), bits), s.reshape(rows, -1), b.reshape(rows, -1)
+
+
+def _as_stored(x: mx.array) -> mx.array:
+    """float32 values rounded to float16 where float16 holds them (as `_round_scales_to_16_bits` stores)."""
+    half = x.astype(mx.float16).astype(mx.float32)
+    return mx.where(mx.abs(x) < FLOAT16_MAX, half, x)
+
+
+def pack_levels(q: mx.array, bits: int) -> mx.array:
+    """[rows, cols] levels in [0, 2^bits) -> MLX's packed uint32 words: a little-endian bit stream per row."""
+    rows, cols = q.shape
+    blocks = q.reshape(rows, -1, 32).astype(mx.uint64)  # 32 levels fill exactly `bits` words
+    words = [mx.zeros(blocks.shape[:2], mx.uint64) for _ in range(bits + 1)]
+    for j in range(32):
+        word, offset = divmod(j * bits, 32)
+        shifted = blocks[:, :, j] << offset
+        words[word] = words[word] | (shifted & 0xFFFFFFFF)
+        words[word + 1] = words[word + 1] | (shifted >> 32)
+    return mx.stack(words[:bits], axis=-1).astype(mx.uint32).reshape(rows, cols * bits // 32)
 
 
 def _round_scales_to_16_bits(module: nn.Module) -> None:
@@ -225,7 +298,7 @@ def quantize_weights(
     stored = {name: _for_storage(name, v) for name, v in tree_flatten(model.parameters())}
     summary = {
         "bits": spec.bits, "group_size": spec.group_size, "keep_embeddings": spec.keep_embeddings,
-        "recipe": spec.recipe, "bits_per_weight": round(bits_per_weight(model, stored), 3),
+        "recipe": spec.recipe, "fit_scales": spec.fit_scales or spec.recipe == "mixed", "bits_per_weight": round(bits_per_weight(model, stored), 3),
     }
     return stored, entry, summary
 

@@ -39,8 +39,10 @@ FORMATS = {
     "8-bit": ("float32", dict(bits=8), None),
     "6-bit": ("float32", dict(bits=6), None),
     "4-bit": ("float32", dict(bits=4), None),
+    "4-bit fitted": ("float32", dict(bits=4, fit_scales=True), None),
     "mixed": ("float32", dict(bits=4, recipe="mixed"), None),
     "3-bit": ("float32", dict(bits=3), None),
+    "3-bit fitted": ("float32", dict(bits=3, fit_scales=True), None),
 }
 
 
