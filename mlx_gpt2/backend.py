@@ -24,6 +24,8 @@ Two facts about MLX's CPU backend (measured in benchmarks/RESULTS.md) decide the
 
 from __future__ import annotations
 
+from typing import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -104,9 +106,12 @@ def _many_rows_on_cpu(x: mx.array) -> bool:
     return x.size >= DEQUANTIZE_ROWS * x.shape[-1] and mx.default_device() == mx.cpu
 
 
-def _dequantized(m: nn.Module, dtype: mx.Dtype) -> mx.array:
-    w = mx.dequantize(m["weight"], m["scales"], m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
-    return w.astype(dtype)
+def _dequantized(m: nn.Module, x: mx.array) -> mx.array:
+    # Made to wait for x: otherwise MLX, free to dequantize as early as it likes, materialised the float
+    # weights of every pending product at once (16 copies of the 154 MB head in a training step's loss).
+    weight = mx.depends(m["weight"], x)
+    w = mx.dequantize(weight, m["scales"], m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
+    return w.astype(x.dtype)
 
 
 class CPUQuantizedLinear(nn.QuantizedLinear):
@@ -115,7 +120,7 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if not _many_rows_on_cpu(x):
             return super().__call__(x)
-        y = x @ mx.contiguous(_dequantized(self, x.dtype).T)  # (in, out): the fast case of the CPU matmul
+        y = x @ mx.contiguous(_dequantized(self, x).T)  # (in, out): the fast case of the CPU matmul
         return y + self["bias"] if "bias" in self else y
 
 
@@ -126,7 +131,19 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
         if not _many_rows_on_cpu(x):
             return super().as_linear(x)
         # Left (vocab, D): a re-laid copy of gpt2's 154 MB head would double the transient memory.
-        return x @ _dequantized(self, x.dtype).T
+        return x @ _dequantized(self, x).T
+
+
+def dequantized_head(model: nn.Module) -> Callable[[mx.array], mx.array]:
+    """`model.head`, but for a quantized head on the CPU the float weight is dequantized once, here, and
+    shared by every call: a loss computed slice by slice then holds one copy (154 MB on gpt2), not one
+    per slice, and dequantizes once."""
+    head = model.lm_head if "lm_head" in model else model.wte
+    if not isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or mx.default_device() != mx.cpu:
+        return model.head
+    weight = mx.dequantize(head["weight"], head["scales"], head.get("biases"), group_size=head.group_size,
+                           bits=head.bits, mode=head.mode)  # fmt: skip
+    return lambda x: x @ weight.astype(x.dtype).T
 
 
 def use_dequantized_products(model: nn.Module) -> nn.Module:

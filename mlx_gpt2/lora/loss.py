@@ -21,6 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..backend import dequantized_head
+
 LOSS_CHUNK = 64  # tokens per slice of the head (see below for why so few)
 
 
@@ -52,7 +54,8 @@ def head_loss(head: Callable, hidden: mx.array, targets: mx.array, mask: mx.arra
     h, t, m = _flat(hidden, targets, mask)
     total = mx.array(0.0)
     for s in range(0, h.shape[0], LOSS_CHUNK):
-        logits = head(h[s : s + LOSS_CHUNK]).astype(mx.float32)
+        # Each slice waits for the running total, so one slice's logits exist at a time (see the top).
+        logits = head(mx.depends(h[s : s + LOSS_CHUNK], total) if s else h[s : s + LOSS_CHUNK]).astype(mx.float32)
         total = total + (nn.losses.cross_entropy(logits, t[s : s + LOSS_CHUNK]) * m[s : s + LOSS_CHUNK]).sum()
     return total
 
@@ -109,6 +112,7 @@ def loss_fn(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.arra
     `fused_head` (only for a frozen head) takes the memory-saving gradient path above.
     """
     hidden = hidden_states(model, inputs, checkpoint=checkpoint)
-    total = (fused_head_loss if fused_head else head_loss)(model.head, hidden, targets, mask)
+    head = model.head if head_is_trainable(model) else dequantized_head(model)  # a trained head stays a parameter
+    total = (fused_head_loss if fused_head else head_loss)(head, hidden, targets, mask)
     n_tokens = mask.sum()
     return total / n_tokens, n_tokens
