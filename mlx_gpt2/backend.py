@@ -106,12 +106,16 @@ def _many_rows_on_cpu(x: mx.array) -> bool:
     return x.size >= DEQUANTIZE_ROWS * x.shape[-1] and mx.default_device() == mx.cpu
 
 
+def dequantized_weight(m: nn.Module, *, after: mx.array | None = None) -> mx.array:
+    """The float weight of an MLX quantized layer, computed (with `after`) only once `after` exists."""
+    weight = m["weight"] if after is None else mx.depends(m["weight"], after)
+    return mx.dequantize(weight, m["scales"], m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
+
+
 def _dequantized(m: nn.Module, x: mx.array) -> mx.array:
     # Made to wait for x: otherwise MLX, free to dequantize as early as it likes, materialised the float
     # weights of every pending product at once (16 copies of the 154 MB head in a training step's loss).
-    weight = mx.depends(m["weight"], x)
-    w = mx.dequantize(weight, m["scales"], m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
-    return w.astype(x.dtype)
+    return dequantized_weight(m, after=x).astype(x.dtype)
 
 
 class CPUQuantizedLinear(nn.QuantizedLinear):
@@ -141,8 +145,7 @@ def dequantized_head(model: nn.Module) -> Callable[[mx.array], mx.array]:
     head = model.lm_head if "lm_head" in model else model.wte
     if not isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or mx.default_device() != mx.cpu:
         return model.head
-    weight = mx.dequantize(head["weight"], head["scales"], head.get("biases"), group_size=head.group_size,
-                           bits=head.bits, mode=head.mode)  # fmt: skip
+    weight = dequantized_weight(head)
     return lambda x: x @ weight.astype(x.dtype).T
 
 

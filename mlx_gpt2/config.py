@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .fileio import read_json
 
 # Every activation transformers' GPT-2 accepts (transformers.activations.ACT2CLS) that is a fixed function.
 # prelu and xielu carry learned parameters that GPT-2's MLP has no slot for, so they are refused.
@@ -90,12 +90,7 @@ class GPT2Config:
     @classmethod
     def from_file(cls, path: str | Path) -> GPT2Config:
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"{path} not found: a model directory needs its config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not valid JSON ({e}); re-download or re-convert the model") from None
+        raw = read_json(path, missing="a model directory needs its config.json", invalid="; re-download or re-convert the model")
         if not isinstance(raw, dict):
             raise UserError(f"{path} must hold a JSON object of GPT-2 hyperparameters")
         if raw.get("model_type", "gpt2") != "gpt2":

@@ -60,6 +60,16 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def read_json(path: Path, *, missing: str, invalid: str = "") -> Any:
+    """The JSON in `path`; a missing file or bad JSON is a one-line UserError (`missing`/`invalid` say what to do)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}){invalid}") from None
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON to `path` through a temporary sibling file."""
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")

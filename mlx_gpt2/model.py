@@ -42,17 +42,21 @@ def _tanh(x: mx.array) -> mx.array:
     return x * p / q
 
 
+def _tanh_u(y: mx.array) -> mx.array:
+    return _tanh(_C * (y + 0.044715 * y * y * y))  # tanh(u), u = c (x + 0.044715 x^3)
+
+
 @mx.compile
 def _gelu_tanh_forward(x: mx.array) -> mx.array:
     y = x.astype(mx.float32)  # float32 whatever the input (the smallest coefficients underflow float16)
-    return (0.5 * y * (1.0 + _tanh(_C * (y + 0.044715 * y * y * y)))).astype(x.dtype)
+    return (0.5 * y * (1.0 + _tanh_u(y))).astype(x.dtype)
 
 
 @mx.compile
 def _gelu_tanh_backward(x: mx.array, cotangent: mx.array) -> mx.array:
     # d/dx 0.5 x (1 + tanh(u)) = 0.5 (1 + t) + 0.5 x (1 - t^2) u',  u = c (x + 0.044715 x^3)
     y = x.astype(mx.float32)
-    t = _tanh(_C * (y + 0.044715 * y * y * y))
+    t = _tanh_u(y)
     du = _C * (1.0 + 3 * 0.044715 * y * y)
     return (cotangent * (0.5 * (1.0 + t) + 0.5 * y * (1.0 - t * t) * du)).astype(cotangent.dtype)
 

@@ -76,6 +76,11 @@ class QuantizeConfig:
         if self.recipe is not None and self.recipe not in RECIPES:
             raise UserError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
 
+    @property
+    def fitted(self) -> bool:
+        """Whether scales are fitted by least squares: asked for, or part of the mixed recipe."""
+        return self.fit_scales or self.recipe == "mixed"
+
     @classmethod
     def coerce(cls, value: QuantizeConfig | dict | bool | None) -> QuantizeConfig | None:
         """None/False -> None; True -> the defaults (4 bits, group 64); a dict -> its fields."""
@@ -188,8 +193,7 @@ def quantize_model(model: nn.Module, spec: QuantizeConfig | dict | bool) -> dict
     if is_quantized(model):
         raise UserError("this model is already quantized; load its float version to quantize it again")
     layers = plan(model, spec)
-    fit = spec.fit_scales or spec.recipe == "mixed"
-    floats = {path: m.weight for path, m in _quantizable(model).items() if layers.get(path)} if fit else {}
+    floats = {path: m.weight for path, m in _quantizable(model).items() if layers.get(path)} if spec.fitted else {}
     nn.quantize(model, class_predicate=lambda path, _: layers.get(path) or False)
     for path, module in model.named_modules():
         if layers.get(path) is not None:
@@ -298,7 +302,7 @@ def quantize_weights(
     stored = {name: _for_storage(name, v) for name, v in tree_flatten(model.parameters())}
     summary = {
         "bits": spec.bits, "group_size": spec.group_size, "keep_embeddings": spec.keep_embeddings,
-        "recipe": spec.recipe, "fit_scales": spec.fit_scales or spec.recipe == "mixed", "bits_per_weight": round(bits_per_weight(model, stored), 3),
+        "recipe": spec.recipe, "fit_scales": spec.fitted, "bits_per_weight": round(bits_per_weight(model, stored), 3),
     }
     return stored, entry, summary
 

@@ -8,7 +8,6 @@ the checkpoint's, so an adapter file reads like the model it belongs to.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..backend import dequantized_weight
 from ..errors import UserError
+from ..fileio import read_json
 
 # The four projections of a GPT-2 block that LoRA can wrap, named as in the checkpoint.
 LORA_KEYS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -65,7 +66,7 @@ class LoRALinear(nn.Module):
         quantized = isinstance(base, nn.QuantizedLinear)
         weight = base.weight
         if quantized:
-            weight = _dequantized(base)
+            weight = dequantized_weight(base)
         output_dims, input_dims = weight.shape
         fused = nn.Linear(input_dims, output_dims, bias="bias" in base)
         dtype = dtype or (base.bias.dtype if "bias" in base else mx.float32)
@@ -161,7 +162,7 @@ def _dequantize_rest(model: nn.Module, dtype: mx.Dtype) -> None:
     replaced = []
     for name, m in model.named_modules():
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            weight = _dequantized(m).astype(dtype)
+            weight = dequantized_weight(m).astype(dtype)
             if isinstance(m, nn.QuantizedEmbedding):
                 layer = nn.Embedding(*weight.shape)
             else:
@@ -174,10 +175,6 @@ def _dequantize_rest(model: nn.Module, dtype: mx.Dtype) -> None:
         model.update_modules(tree_unflatten(replaced))
 
 
-def _dequantized(m: nn.QuantizedLinear | nn.QuantizedEmbedding) -> mx.array:
-    return mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
-
-
 def trainable_weights(model: nn.Module) -> dict[str, mx.array]:
     """What an adapter file holds: every trainable parameter, by its checkpoint-style name."""
     return dict(tree_flatten(model.trainable_parameters()))
@@ -187,12 +184,7 @@ def read_adapter_config(adapter_path: str | Path) -> dict[str, Any]:
     path = Path(adapter_path).expanduser() / ADAPTER_CONFIG
     if not Path(adapter_path).expanduser().is_dir():
         raise UserError(f"adapter path {adapter_path} is not a directory; pass the --adapter-path training wrote")
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} not found: is {adapter_path} an adapter directory written by `mlx-gpt2 lora`?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
+    raw = read_json(path, missing=f"is {adapter_path} an adapter directory written by `mlx-gpt2 lora`?")
     if not isinstance(raw, dict) or not isinstance(raw.get("lora"), dict):
         raise UserError(f"{path} has no \"lora\" section; it was not written by `mlx-gpt2 lora`")
     return raw
