@@ -12,27 +12,21 @@ Two facts about MLX's CPU backend (measured in benchmarks/RESULTS.md) decide the
   where its numbers sit in memory: the parameter becomes a transposed view of an `(in, out)` buffer, so
   `nn.Linear` (which computes `x @ weight.T`) reads contiguous rows. Names, shapes, saving, quantizing,
   LoRA and gradients all see the same array as before; there is no second copy of any weight.
-  Quantized layers cannot be re-laid without re-quantizing (which would change their numbers): they
-  stay as stored. On Metal and CUDA, whose kernels are built for `x @ W.T`, weights stay as stored
-  (no GPU was available to measure the other layout there).
-- MLX's CPU quantized matmul is a plain loop: as fast as the float product for one row (decode), but
-  2-2.4x slower than dequantizing the weight and multiplying input-major through BLAS once a product has
-  hundreds of rows (prefill, perplexity, training). `use_dequantized_products` makes the quantized layers
-  take that path from DEQUANTIZE_ROWS rows on: the same numbers (the weight is dequantized exactly as the
-  kernel does), one layer's float weight alive at a time, nothing changed in what is stored.
+  On Metal and CUDA, whose kernels are built for `x @ W.T`, weights stay as stored (no GPU was
+  available to measure the other layout there).
+- MLX's CPU quantized kernels have the same asymmetry, and are slow for many rows: quantized layers get
+  their own input-major form and a BLAS path for many rows (`mlx_gpt2/cpu_quantized.py`), with the
+  same levels, scales and numbers as stored.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cpu_quantized import QUANTIZED, use_cpu_quantized
+
 LAYOUTS = ("auto", "input-major", "checkpoint")
-# From this many rows on, a quantized product dequantizes its weight on the CPU (measured crossover: 8-16
-# rows of gpt2's 2304 x 768 c_attn; at 512 rows the float path is 2.1-2.4x faster, benchmarks/RESULTS.md).
-DEQUANTIZE_ROWS = 16
 
 
 def backend_name() -> str:
@@ -88,7 +82,7 @@ def use_input_major(model: nn.Module, *, evaluate: bool = False) -> nn.Module:
     """
     modules = [m for _, m in model.named_modules()]
     targets = [m for m in modules if type(m) is nn.Linear]
-    quantized = any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in modules)
+    quantized = any(isinstance(m, QUANTIZED) for m in modules)
     wte = getattr(model, "wte", None)
     if type(wte) is nn.Embedding and "lm_head" not in model and not quantized:  # the tied output head
         targets.insert(0, wte)
@@ -102,65 +96,9 @@ def use_input_major(model: nn.Module, *, evaluate: bool = False) -> nn.Module:
     return model
 
 
-def _many_rows_on_cpu(x: mx.array) -> bool:
-    return x.size >= DEQUANTIZE_ROWS * x.shape[-1] and mx.default_device() == mx.cpu
-
-
-def dequantized_weight(m: nn.Module, *, after: mx.array | None = None) -> mx.array:
-    """The float weight of an MLX quantized layer, computed (with `after`) only once `after` exists."""
-    weight = m["weight"] if after is None else mx.depends(m["weight"], after)
-    return mx.dequantize(weight, m["scales"], m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
-
-
-def _dequantized(m: nn.Module, x: mx.array) -> mx.array:
-    # Made to wait for x: otherwise MLX, free to dequantize as early as it likes, materialised the float
-    # weights of every pending product at once (16 copies of the 154 MB head in a training step's loss).
-    return dequantized_weight(m, after=x).astype(x.dtype)
-
-
-class CPUQuantizedLinear(nn.QuantizedLinear):
-    """`nn.QuantizedLinear` that multiplies many rows through BLAS, with its weight dequantized input-major."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if not _many_rows_on_cpu(x):
-            return super().__call__(x)
-        y = x @ mx.contiguous(_dequantized(self, x).T)  # (in, out): the fast case of the CPU matmul
-        return y + self["bias"] if "bias" in self else y
-
-
-class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
-    """`nn.QuantizedEmbedding` whose output-head product (`as_linear`) takes the same path as above."""
-
-    def as_linear(self, x: mx.array) -> mx.array:
-        if not _many_rows_on_cpu(x):
-            return super().as_linear(x)
-        # Left (vocab, D): a re-laid copy of gpt2's 154 MB head would double the transient memory.
-        return x @ _dequantized(self, x).T
-
-
-def dequantized_head(model: nn.Module) -> Callable[[mx.array], mx.array]:
-    """`model.head`, but for a quantized head on the CPU the float weight is dequantized once, here, and
-    shared by every call: a loss computed slice by slice then holds one copy (154 MB on gpt2), not one
-    per slice, and dequantizes once."""
-    head = model.lm_head if "lm_head" in model else model.wte
-    if not isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or mx.default_device() != mx.cpu:
-        return model.head
-    weight = dequantized_weight(head)
-    return lambda x: x @ weight.astype(x.dtype).T
-
-
-def use_dequantized_products(model: nn.Module) -> nn.Module:
-    """Give every MLX quantized layer of `model` the many-rows path above (same parameters, same numbers)."""
-    swaps = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
-    for _, module in model.named_modules():
-        if type(module) in swaps:
-            module.__class__ = swaps[type(module)]  # the parameters stay where they are
-    return model
-
-
 def prepare(model: nn.Module, *, layout: str = "auto", evaluate: bool = False) -> nn.Module:
     """Apply the backend's fastest weight layout and quantized path (see `resolve_layout`); returns `model`."""
     if resolve_layout(layout):
         use_input_major(model, evaluate=evaluate)
-        use_dequantized_products(model)
+        use_cpu_quantized(model)
     return model

@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from .cache import KVCache, make_cache
+from .cpu_quantized import stored_parameters
 from .errors import UserError
 from .model import GPT2
 from .tokenizer import Tokenizer
@@ -25,9 +25,10 @@ FORMAT = "mlx-gpt2-prompt-cache/1"
 
 
 def model_fingerprint(model: GPT2) -> str:
-    """A short hash of the config and of every parameter's name, shape, dtype and first values."""
+    """A short hash of the config and of every parameter's name, shape, dtype and first values, as a
+    checkpoint stores them (the same for every weight layout `load` may choose)."""
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for name, value in tree_flatten(model.parameters()):
+    for name, value in stored_parameters(model):
         digest.update(f"{name}:{value.shape}:{value.dtype}".encode())
         # A sample of each tensor tells fine-tunes apart without reading whole weights.
         digest.update(memoryview(value.reshape(-1)[:64].astype(mx.float32)))

@@ -25,6 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import GPT2Config
+from .cpu_quantized import QUANTIZED, InputMajorQuantizedLinear
 from .errors import CheckpointError, UserError
 from .model import GPT2
 
@@ -308,7 +309,7 @@ def quantize_weights(
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+    return any(isinstance(m, QUANTIZED) for _, m in model.named_modules())
 
 
 def saved_quantization(raw_config: dict) -> dict[str, Any] | None:
@@ -365,6 +366,8 @@ def bits_per_weight(model: nn.Module, tensors: dict[str, mx.array] | None = None
 
 
 def _n_weights(module: nn.Module) -> int:
+    if isinstance(module, InputMajorQuantizedLinear):
+        return module.input_dims * module.output_dims + (module["bias"].size if "bias" in module else 0)
     if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         bias = module["bias"].size if "bias" in module else 0
         return module.weight.size * 32 // module.bits + bias  # each uint32 packs 32 / bits weights

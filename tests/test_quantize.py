@@ -14,6 +14,7 @@ from checkpoints import make_checkpoint
 from mlx_gpt2 import GPT2, CheckpointError, QuantizeConfig, UserError, load, stream_generate
 from mlx_gpt2.cli import app
 from mlx_gpt2.convert import convert
+from mlx_gpt2.cpu_quantized import QUANTIZED
 from mlx_gpt2.config import PRESETS
 from mlx_gpt2.quantize import MIXED_ORDER, QuantizationWarning, plan
 
@@ -85,7 +86,7 @@ def test_cli_convert_quantize_and_generate(trained_small_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
     model, tokenizer = load(out)
-    assert isinstance(model.h[0].attn.c_attn, nn.QuantizedLinear) and isinstance(model.wte, nn.QuantizedEmbedding)
+    assert isinstance(model.h[0].attn.c_attn, QUANTIZED) and isinstance(model.wte, QUANTIZED)
     assert isinstance(model.wpe, nn.Embedding)  # never quantized by default
     # Count generated tokens directly: re-encoding the text need not give the same ids (spaces merge).
     responses = list(stream_generate(model, tokenizer, "The for statement", max_tokens=8, ignore_eos=True))
@@ -155,10 +156,12 @@ def test_fitted_scales_never_lose_to_mlx_rounding_and_keep_the_format(trained, t
 
 def test_many_row_products_dequantize_on_the_cpu_with_the_kernels_numbers(trained_small_dir, monkeypatch):
     """Prefill-sized quantized products go through BLAS with the weight dequantized (2x faster here)."""
-    import mlx_gpt2.backend as backend
+    import mlx_gpt2.cpu_quantized as cpu_quantized
 
     model, _ = load(trained_small_dir, dtype="float32", quantize=True)
-    assert type(model.h[0].attn.c_attn) is backend.CPUQuantizedLinear and type(model.wte) is backend.CPUQuantizedEmbedding
+    assert type(model.h[0].attn.c_attn) is cpu_quantized.InputMajorQuantizedLinear
+    assert type(model.wte) is cpu_quantized.InputMajorQuantizedEmbedding
+    stored, _ = load(trained_small_dir, dtype="float32", quantize=True, layout="checkpoint")
     ids = mx.array([list(range(1000, 1040))])  # 40 rows: above DEQUANTIZE_ROWS
     kernel_calls = []
     real = mx.quantized_matmul
@@ -166,15 +169,14 @@ def test_many_row_products_dequantize_on_the_cpu_with_the_kernels_numbers(traine
     fast = model(ids)
     mx.eval(fast)
     assert kernel_calls == []  # every block product and the head took the dequantized path
-    monkeypatch.setattr(backend, "DEQUANTIZE_ROWS", 10**9)
+    monkeypatch.setattr(cpu_quantized, "DEQUANTIZE_ROWS", 10**9)
     kernel = model(ids)
     assert len(kernel_calls) == 4 * 2 + 1  # now MLX's kernel: 4 products per block, and the head
-    diff = float(mx.abs(fast - kernel).max())
-    print(f"dequantized path vs MLX's quantized kernel: max |logit diff| {diff:.2g}")
-    assert diff <= 1e-4
-    monkeypatch.setattr(backend, "DEQUANTIZE_ROWS", 16)
-    plain, _ = load(trained_small_dir, dtype="float32", quantize=True, layout="checkpoint")
-    assert type(plain.h[0].attn.c_attn) is nn.QuantizedLinear  # the plain path keeps MLX's own layers
+    mlx_kernel = stored(ids)  # MLX's kernel on the layers as stored
+    for name, other in (("the input-major kernel path", kernel), ("MLX's kernel as stored", mlx_kernel)):
+        diff = float(mx.abs(fast - other).max())
+        print(f"dequantized path vs {name}: max |logit diff| {diff:.2g}")
+        assert diff <= 1e-4
 
 
 def test_mixed_recipe_fits_gpt2_under_5_bits():
@@ -203,7 +205,7 @@ def test_width_no_group_size_divides_stays_float_and_is_recorded(tmp_path):
     entry = json.loads((out / "config.json").read_text())["quantization"]
     assert entry["model.h.0.attn.c_attn"] is False and entry["model.wte"] is False
     model, _ = load(out)
-    assert type(model.h[0].attn.c_attn) is nn.Linear and isinstance(model.h[0].mlp.c_proj, nn.QuantizedLinear)
+    assert type(model.h[0].attn.c_attn) is nn.Linear and isinstance(model.h[0].mlp.c_proj, QUANTIZED)
 
 
 def test_cli_prints_fallback_warning_on_one_line(tmp_path):
@@ -253,20 +255,29 @@ def test_untied_head_is_quantized_with_the_blocks(tmp_path, ids):
     source = make_checkpoint(tmp_path / "src", config_kwargs={"tie_word_embeddings": False})
     out = convert(source, tmp_path / "q", quantize=dict(bits=8, keep_embeddings=True))
     model, _ = load(out)
-    assert isinstance(model.lm_head, nn.QuantizedLinear) and type(model.wte) is nn.Embedding
+    assert isinstance(model.lm_head, QUANTIZED) and type(model.wte) is nn.Embedding
     on_the_fly, _ = load(source, quantize=dict(bits=8, keep_embeddings=True))
     assert np.array_equal(_logits(model, mx.array(ids)), _logits(on_the_fly, mx.array(ids)))
 
 
-def test_quantized_layers_are_standard_mlx_layers(trained_small_dir):
-    """LoRA and other tools wrap nn.QuantizedLinear; nothing custom to learn (on the CPU, subclasses that
-    only add a faster path for many rows, with exactly MLX's parameters)."""
-    from mlx_gpt2.backend import CPUQuantizedEmbedding, CPUQuantizedLinear
+def test_quantized_layers_are_standard_mlx_layers_as_stored(trained_small_dir):
+    """LoRA and other tools wrap nn.QuantizedLinear: loaded as stored, or put back from the CPU's
+    input-major form, the layers are MLX's own (or subclasses adding only a many-rows path), with exactly
+    MLX's parameters and the arrays on disk."""
+    from mlx.utils import tree_flatten
 
+    from mlx_gpt2.cpu_quantized import CPUQuantizedEmbedding, CPUQuantizedLinear, use_stored_layout
+
+    as_stored, _ = load(trained_small_dir, quantize=True, layout="checkpoint")
+    kinds = {type(m) for _, m in as_stored.named_modules() if "Quantized" in type(m).__name__}
+    assert kinds == {nn.QuantizedLinear, nn.QuantizedEmbedding}
     model, _ = load(trained_small_dir, quantize=True)
+    use_stored_layout(model)
     kinds = {type(m) for _, m in model.named_modules() if "Quantized" in type(m).__name__}
     assert kinds == {CPUQuantizedLinear, CPUQuantizedEmbedding}
     assert issubclass(CPUQuantizedLinear, nn.QuantizedLinear) and issubclass(CPUQuantizedEmbedding, nn.QuantizedEmbedding)
     reference = nn.QuantizedLinear(768, 3072, group_size=64, bits=4)
     assert set(model.h[0].mlp.c_fc.parameters()) == set(reference.parameters())
-    assert model.h[0].mlp.c_fc.weight.dtype == mx.uint32
+    ours, theirs = dict(tree_flatten(model.parameters())), dict(tree_flatten(as_stored.parameters()))
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and mx.array_equal(ours[k], theirs[k]).item() for k in ours)

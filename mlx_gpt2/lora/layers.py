@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..backend import dequantized_weight
+from ..cpu_quantized import dequantized_weight, use_stored_layout
 from ..errors import UserError
 from ..fileio import read_json
 
@@ -123,6 +123,7 @@ def apply_lora(model: nn.Module, spec: LoRASpec) -> None:
     the final norm train too.
     """
     check_spec(spec, len(model.h))
+    use_stored_layout(model)  # LoRA wraps MLX's own quantized layers (a CPU-loaded model holds them re-laid)
     model.freeze()
     blocks = model.h[len(model.h) - spec.num_layers :]
     if spec.full:
@@ -149,6 +150,7 @@ def fuse_lora(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
     Float weights come out in the model's dtype, read off its final layer norm (never quantized).
     """
     dtype = model.ln_f.weight.dtype
+    use_stored_layout(model)  # the fused layers are quantized again, or saved, in the stored form
     fused = [(name, m.fuse(dequantize=dequantize, dtype=dtype)) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     if fused:
         model.update_modules(tree_unflatten(fused))

@@ -1,0 +1,104 @@
+"""The CPU's input-major quantized layers (mlx_gpt2/cpu_quantized.py): MLX's numbers, MLX's arrays back.
+
+Every comparison is against MLX's own `nn.QuantizedLinear` / `nn.QuantizedEmbedding` on the same packed
+arrays: the re-laid layers must compute the same function (to float32 summation order), and give back the
+stored arrays bit for bit.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_gpt2 import generate, load
+from mlx_gpt2.cpu_quantized import (
+    CPUQuantizedLinear,
+    InputMajorQuantizedEmbedding,
+    InputMajorQuantizedLinear,
+    stored_parameters,
+    use_cpu_quantized,
+    use_stored_layout,
+)
+from mlx_gpt2.prompt_cache import model_fingerprint
+
+
+def _quantized_linear(in_dims: int, out_dims: int, *, bits: int, group_size: int, bias: bool = True) -> nn.QuantizedLinear:
+    mx.random.seed(bits * 1000 + group_size)
+    linear = nn.Linear(in_dims, out_dims, bias=bias)
+    if bias:
+        linear.bias = mx.random.normal((out_dims,))  # not zeros: the bias must be added, once
+    return nn.QuantizedLinear.from_linear(linear, group_size=group_size, bits=bits)
+
+
+def _close(a: mx.array, b: mx.array) -> float:
+    """Max |a - b| relative to max |b|."""
+    return float(mx.abs(a - b).max()) / float(mx.abs(b).max())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_linear_computes_mlx_kernels_function(bits, group_size):
+    # 200 outputs: not a multiple of the unit group (padded inside, cut off outside)
+    stock = _quantized_linear(256, 200, bits=bits, group_size=group_size)
+    layer = InputMajorQuantizedLinear(stock)
+    for rows in (1, 3, 15, 40):  # the kernel path below DEQUANTIZE_ROWS, the BLAS path above
+        x = mx.random.normal((rows, 256))
+        assert layer(x).shape == (rows, 200)
+        assert _close(layer(x), stock(x)) < 1e-5
+    x = mx.random.normal((2, 5, 256))  # leading dimensions are kept
+    assert _close(layer(x), stock(x)) < 1e-5
+    assert np.array_equal(layer.dequantized()[:, :200], mx.dequantize(stock.weight, stock.scales, stock.biases, group_size, bits).T)
+
+
+def test_round_trip_to_the_stored_arrays_is_exact():
+    stock = _quantized_linear(384, 333, bits=4, group_size=64, bias=False)
+    back = InputMajorQuantizedLinear(stock).stored()
+    assert type(back) is CPUQuantizedLinear and "bias" not in back
+    assert (back.group_size, back.bits, back.mode) == (64, 4, "affine")
+    for name in ("weight", "scales", "biases"):
+        assert back[name].dtype == stock[name].dtype and mx.array_equal(back[name], stock[name]).item(), name
+    x = mx.random.normal((1, 384))
+    assert mx.array_equal(back(x), stock(x)).item()  # MLX's own kernel on MLX's own arrays
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_embedding_rows_and_head_equal_mlxs(bits):
+    mx.random.seed(0)
+    embedding = nn.Embedding(1000, 128)
+    stock = nn.QuantizedEmbedding.from_embedding(embedding, group_size=64, bits=bits)
+    layer = InputMajorQuantizedEmbedding(stock)
+    ids = mx.array([[0, 1, 7, 8, 9, 999], [500, 3, 3, 998, 16, 17]])
+    assert np.array_equal(layer(ids), stock(ids))  # the same values, looked up from the other layout
+    for rows in (1, 40):
+        x = mx.random.normal((rows, 128))
+        assert layer.as_linear(x).shape == (rows, 1000)
+        assert _close(layer.as_linear(x), stock.as_linear(x)) < 1e-5
+    back = layer.stored()
+    assert (back.num_embeddings, back.dims) == (1000, 128) and mx.array_equal(back.weight, stock.weight).item()
+
+
+def test_widths_the_fast_kernel_cannot_take_stay_as_stored():
+    model = nn.Sequential(_quantized_linear(256, 128, bits=3, group_size=64), _quantized_linear(256, 128, bits=4, group_size=64))
+    use_cpu_quantized(model)
+    assert type(model.layers[0]) is CPUQuantizedLinear and type(model.layers[1]) is InputMajorQuantizedLinear
+    use_stored_layout(model)
+    assert [type(m) for m in model.layers] == [CPUQuantizedLinear, CPUQuantizedLinear]
+
+
+def test_loaded_quantized_model_generates_the_stored_layouts_tokens(trained_small_dir, tmp_path):
+    from mlx_gpt2.convert import convert
+
+    out = convert(trained_small_dir, tmp_path / "q4", quantize=True, dtype="float32")
+    fast, tokenizer = load(out)
+    as_stored, _ = load(out, layout="checkpoint")
+    assert isinstance(fast.h[1].mlp.c_proj, InputMajorQuantizedLinear) and isinstance(fast.wte, InputMajorQuantizedEmbedding)
+    prompt = "The for statement in Python"
+    texts = [generate(m, tokenizer, prompt, max_tokens=24, ignore_eos=True) for m in (fast, as_stored)]
+    print(texts[0])
+    assert texts[0] == texts[1]
+    # What is saved or fingerprinted is the stored form, whatever the layout in memory
+    assert model_fingerprint(fast) == model_fingerprint(as_stored)
+    names = [name for name, _ in stored_parameters(fast)]
+    assert "wte.weight" in names and "h.0.attn.c_attn.scales" in names and not any("levels" in n for n in names)
