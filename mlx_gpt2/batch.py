@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import mlx.core as mx
 
+from .backend import prefill_step
 from .cache import make_cache
 from .errors import UserError
 from .generate import _StopFilter, encode_prompt
@@ -73,9 +74,9 @@ class Batch:
             return self.model.hidden(tokens, self.cache, mask=mask, positions=positions)
         return self.model(tokens, self.cache, mask=mask, positions=positions)[:, -1, :].astype(mx.float32)
 
-    def prefill(self, step_size: int = 512) -> mx.array:
+    def prefill(self, step_size: int | None = None) -> mx.array:
         """Run the padded prompts through the model in chunks; return the last slot's logits `[B, vocab]`."""
-        width = self.tokens.shape[1]
+        width, step_size = self.tokens.shape[1], prefill_step(step_size)
         for start in range(0, width - 1, step_size):
             chunk = self.tokens[:, start : min(start + step_size, width - 1)]
             self.forward(chunk, logits=False)
@@ -207,7 +208,7 @@ def batch_generate_response(
     seed: int | None = None,
     stop: list[str] | str | None = None,
     ignore_eos: bool = False,
-    prefill_step_size: int = 512,
+    prefill_step_size: int | None = None,
 ) -> BatchResponse:
     """Generate for every prompt at once; each row stops on its own (end of text, stop string, max_tokens).
 

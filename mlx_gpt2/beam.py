@@ -130,7 +130,7 @@ def beam_search(
     length_penalty: float = 1.0,
     early_stopping: EarlyStopping = False,
     ignore_eos: bool = False,
-    prefill_step_size: int = 512,
+    prefill_step_size: int | None = None,
 ) -> list[BeamResult]:
     """The best beam of each prompt, as transformers' `generate(num_beams=..., do_sample=False)` finds it."""
     _check_options(num_beams, max_tokens, length_penalty, early_stopping)

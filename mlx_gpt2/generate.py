@@ -8,6 +8,7 @@ from typing import Iterator, Literal
 
 import mlx.core as mx
 
+from .backend import prefill_step
 from .cache import KVCache, make_cache
 from .errors import UserError
 from .model import GPT2
@@ -22,8 +23,9 @@ class WindowFull(Exception):
     """Raised inside generate_step when the window is full and on_overflow is "stop"."""
 
 
-def _prefill(model: GPT2, tokens: mx.array, cache: list[KVCache], step_size: int) -> None:
+def _prefill(model: GPT2, tokens: mx.array, cache: list[KVCache], step_size: int | None) -> None:
     """Run all `tokens` through the model in chunks of `step_size`, filling the cache; logits are dropped."""
+    step_size = prefill_step(step_size)
     for start in range(0, tokens.size, step_size):
         model.hidden(tokens[None, start : start + step_size], cache)
         mx.eval([c.keys for c in cache])
@@ -32,7 +34,7 @@ def _prefill(model: GPT2, tokens: mx.array, cache: list[KVCache], step_size: int
 class _Window:
     """Keeps decoding inside the position table: past it, rebuild the cache over the most recent tokens."""
 
-    def __init__(self, model: GPT2, on_overflow: Overflow, prefill_step_size: int) -> None:
+    def __init__(self, model: GPT2, on_overflow: Overflow, prefill_step_size: int | None) -> None:
         if on_overflow not in OVERFLOW_CHOICES:
             raise ValueError(f"on_overflow must be one of {', '.join(OVERFLOW_CHOICES)}, got {on_overflow!r}")
         self.model, self.on_overflow, self.step = model, on_overflow, prefill_step_size
@@ -72,7 +74,7 @@ def generate_step(
     max_tokens: int = 256,
     sampler: Sampler | None = None,
     logits_processors: list[LogitsProcessor] | None = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int | None = None,
     on_overflow: Overflow = "slide",
     cache: list[KVCache] | None = None,
 ) -> Iterator[tuple[int, mx.array]]:
@@ -204,7 +206,7 @@ def stream_generate(
     stop: list[str] | str | None = None,
     ignore_eos: bool = False,
     on_overflow: Overflow = "slide",
-    prefill_step_size: int = 512,
+    prefill_step_size: int | None = None,
     cache: list[KVCache] | None = None,
     draft_model: GPT2 | None = None,
     num_draft: int = 3,

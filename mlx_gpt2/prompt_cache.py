@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .backend import prefill_step
 from .cache import KVCache, make_cache
 from .cpu_quantized import stored_parameters
 from .errors import UserError
@@ -35,7 +36,7 @@ def model_fingerprint(model: GPT2) -> str:
     return digest.hexdigest()[:32]
 
 
-def make_prompt_cache(model: GPT2, tokens: list[int], *, prefill_step_size: int = 512) -> list[KVCache]:
+def make_prompt_cache(model: GPT2, tokens: list[int], *, prefill_step_size: int | None = None) -> list[KVCache]:
     """Prefill a fresh cache with all of `tokens`."""
     if not tokens:
         raise UserError("the prompt to cache is empty; give the prefix text to cache")
@@ -43,6 +44,7 @@ def make_prompt_cache(model: GPT2, tokens: list[int], *, prefill_step_size: int 
     if len(tokens) > window:
         raise UserError(f"the prompt to cache is {len(tokens)} tokens, longer than the model's window of {window}")
     cache = make_cache(len(model.h), len(tokens))
+    prefill_step_size = prefill_step(prefill_step_size)
     for start in range(0, len(tokens), prefill_step_size):
         model.hidden(mx.array(tokens[start : start + prefill_step_size])[None], cache)
         mx.eval([c.keys for c in cache])

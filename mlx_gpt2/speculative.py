@@ -84,7 +84,7 @@ class _Speculator:
 
     def __init__(
         self, model: GPT2, draft_model: GPT2, dist: _Distribution, processors: list[LogitsProcessor],
-        cache: list[KVCache], capacity: int, step_size: int,
+        cache: list[KVCache], capacity: int, step_size: int | None,
     ) -> None:
         self.model, self.draft, self.dist, self.processors = model, draft_model, dist, processors
         self.cache, self.draft_cache, self.step_size = cache, make_cache(len(draft_model.h), capacity), step_size
@@ -177,7 +177,7 @@ def speculative_generate_step(
     top_p: float = 1.0,
     min_p: float = 0.0,
     logits_processors: list[LogitsProcessor] | None = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int | None = None,
     on_overflow: Overflow = "slide",
     cache: list[KVCache] | None = None,
 ) -> Iterator[tuple[int, mx.array, bool]]:
