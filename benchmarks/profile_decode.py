@@ -1,6 +1,6 @@
 """Where one decoded token's time goes: the decode step of mlx-gpt2, component by component.
 
-    python benchmarks/profile_decode.py [--shape gpt2] [--context 512] [--repeats 15]
+    python benchmarks/profile_decode.py [--shape gpt2] [--context 512] [--repeats 15] [--bits 4]
 
 Random weights at a real GPT-2 shape (no checkpoint needed). Two kinds of numbers:
 
@@ -11,7 +11,9 @@ Random weights at a real GPT-2 shape (no checkpoint needed). Two kinds of number
 
 Times are process CPU milliseconds (robust on a shared machine: other processes do not add to them) and
 wall milliseconds, medians over --repeats. Both weight layouts are measured: "checkpoint" ((out, in) in
-memory, as mlx-lm and every checkpoint store them) and "input-major" (mlx-gpt2's CPU default).
+memory, as mlx-lm and every checkpoint store them) and "input-major" (mlx-gpt2's CPU default). With
+--bits the model is quantized first (group 64, as `convert --quantize`), and "input-major" is the CPU's
+quantized layout of mlx_gpt2/cpu_quantized.py.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import time
 
 import mlx.core as mx
 
-from mlx_gpt2 import GPT2, generate_step, make_cache
-from mlx_gpt2.backend import use_input_major
+from mlx_gpt2 import GPT2, generate_step, make_cache, quantize_model
+from mlx_gpt2.backend import prepare
 from mlx_gpt2.bench_runs import SHAPES
 from mlx_gpt2.config import GPT2Config
 
@@ -46,12 +48,12 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return 1e3 * statistics.median(cpu), 1e3 * statistics.median(wall)
 
 
-def build(shape: str, layout: str) -> GPT2:
+def build(shape: str, layout: str, bits: int | None) -> GPT2:
     model = GPT2(GPT2Config(**SHAPES[shape]))
     mx.eval(model.parameters())
-    if layout == "input-major":
-        use_input_major(model, evaluate=True)
-    return model
+    if bits:
+        quantize_model(model, dict(bits=bits))
+    return prepare(model, layout=layout, evaluate=True)
 
 
 def filled_cache(model: GPT2, context: int) -> list:
@@ -142,10 +144,11 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512, help="tokens already in the KV cache")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--tokens", type=int, default=24, help="tokens for the generate_step measurement")
+    parser.add_argument("--bits", type=int, default=None, help="quantize the model first (e.g. 4)")
     args = parser.parse_args()
     results = {}
     for layout in ("checkpoint", "input-major"):
-        model = build(args.shape, layout)
+        model = build(args.shape, layout, args.bits)
         cache = filled_cache(model, args.context)
         results[layout] = {**isolated(model, cache, args.context, args.repeats),
                            **in_step(model, cache, args.context, args.repeats)}
@@ -153,7 +156,8 @@ def main() -> None:
         results[layout]["generate_step, per decoded token"] = generate_step_ms(model, args.context, args.tokens)
         del model, cache
     n_layer = SHAPES[args.shape]["n_layer"]
-    print(f"{args.shape}, {n_layer} blocks, {args.context} tokens in the cache; CPU ms (wall ms), median of {args.repeats}\n")
+    kind = f"{args.bits}-bit" if args.bits else "float32"
+    print(f"{args.shape} {kind}, {n_layer} blocks, {args.context} tokens in the cache; CPU ms (wall ms), median of {args.repeats}\n")
     print("| component | checkpoint layout | input-major layout |\n| --- | --- | --- |")
     for name in results["checkpoint"]:
         cells = [f"{results[l][name][0]:.3f} ({results[l][name][1]:.3f})" for l in ("checkpoint", "input-major")]

@@ -9,8 +9,8 @@ class KVCache:
     """Keys and values of one attention layer, `[batch, n_head, capacity, head_dim]`.
 
     `offset` is how many positions are filled. Writing a token is a slice update into the preallocated
-    buffer; the buffer grows by `step` positions at a time (or to `capacity` at once when the caller knows
-    the final length), so decoding costs no copy of the whole history per token.
+    buffer; the buffer grows by `step` positions at a time (or to exactly `capacity` at once when the
+    caller knows the final length), so decoding costs no copy of the whole history per token.
     """
 
     step = 256
@@ -24,8 +24,10 @@ class KVCache:
     def _grow(self, keys: mx.array, values: mx.array) -> None:
         batch, n_head, length, head_dim = keys.shape
         needed = self.offset + length
-        size = max(needed, self.capacity or 0)
-        size = ((size + self.step - 1) // self.step) * self.step
+        if self.capacity and needed <= self.capacity:
+            size = self.capacity  # the caller knows the final length: exactly that, no step's slack
+        else:
+            size = ((needed + self.step - 1) // self.step) * self.step
         new_k = mx.zeros((batch, n_head, size, head_dim), keys.dtype)
         new_v = mx.zeros((batch, n_head, size, head_dim), values.dtype)
         if self.keys is not None:

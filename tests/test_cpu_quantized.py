@@ -52,6 +52,21 @@ def test_linear_computes_mlx_kernels_function(bits, group_size):
     assert np.array_equal(layer.dequantized()[:, :200], mx.dequantize(stock.weight, stock.scales, stock.biases, group_size, bits).T)
 
 
+@pytest.mark.parametrize("out_dims", [128, 130, 333])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_re_laying_in_blocks_is_exact(out_dims, bits, monkeypatch):
+    """Layers re-laid 64 rows at a time (whole blocks, a padded last block, padding-only blocks) equal
+    the layer re-laid at once, and give back the stored arrays."""
+    import mlx_gpt2.cpu_quantized as cpu_quantized
+
+    stock = _quantized_linear(256, out_dims, bits=bits, group_size=32)
+    whole = InputMajorQuantizedLinear(stock)
+    monkeypatch.setattr(cpu_quantized, "CONVERT_ROWS", 64)
+    blocks = InputMajorQuantizedLinear(stock)
+    assert mx.array_equal(blocks.levels, whole.levels).item()
+    assert all(mx.array_equal(a, stock[k]).item() for k, a in blocks.stored_arrays().items())
+
+
 def test_round_trip_to_the_stored_arrays_is_exact():
     stock = _quantized_linear(384, 333, bits=4, group_size=64, bias=False)
     back = InputMajorQuantizedLinear(stock).stored()
