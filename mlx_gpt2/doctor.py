@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .backend import backend_name, default_dtype, prefers_input_major
+from .backend import backend_name, default_dtype, prefers_input_major, prefill_step
 
 # Where Debian/Ubuntu/Fedora put OpenBLAS (`apt-get install libopenblas0-pthread` on Debian/Ubuntu).
 OPENBLAS_CANDIDATES = (
@@ -165,6 +165,7 @@ def report(*, openblas: bool | str = False, quick: bool = False) -> dict:
     info["dtype_default"] = {name: str(default_dtype(d)).split(".")[-1] for name, d in
                              (("float32", mx.float32), ("float16", mx.float16), ("bfloat16", mx.bfloat16))}
     info["layout_default"] = "input-major" if prefers_input_major() else "checkpoint"
+    info["prefill_step_default"] = prefill_step()
     info["here"] = measure(quick)
     lib = openblas if isinstance(openblas, str) else find_openblas()
     info["openblas_path"] = lib
