@@ -94,6 +94,22 @@ def test_embedding_rows_and_head_equal_mlxs(bits):
     assert (back.num_embeddings, back.dims) == (1000, 128) and mx.array_equal(back.weight, stock.weight).item()
 
 
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_16_bit_layers_are_at_least_as_close_to_float32_as_mlxs_kernel(dtype):
+    """The partial sums are combined in float32 (in 16 bits the offsets' term cancels most of them)."""
+    stock = _quantized_linear(768, 2304, bits=4, group_size=64)
+    stock.update({k: v.astype(dtype) for k, v in stock.parameters().items() if k != "weight"})
+    ours = InputMajorQuantizedLinear(stock)
+    x = mx.random.normal((3, 768)).astype(dtype)
+    exact = nn.QuantizedLinear.from_linear(nn.Linear(768, 2304), group_size=64, bits=4)  # the float32 product
+    exact.update({k: v if k == "weight" else v.astype(mx.float32) for k, v in stock.parameters().items()})
+    want = exact(x.astype(mx.float32))
+    assert ours(x).dtype == stock(x).dtype == dtype
+    errors = [float(mx.abs(layer(x).astype(mx.float32) - want).max()) for layer in (ours, stock)]
+    print(f"{dtype}: max |y - float32| ours {errors[0]:.3g}, MLX's kernel {errors[1]:.3g}")
+    assert errors[0] <= errors[1]
+
+
 def test_widths_the_fast_kernel_cannot_take_stay_as_stored():
     model = nn.Sequential(_quantized_linear(256, 128, bits=3, group_size=64), _quantized_linear(256, 128, bits=4, group_size=64))
     use_cpu_quantized(model)
