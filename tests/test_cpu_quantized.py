@@ -133,3 +133,22 @@ def test_loaded_quantized_model_generates_the_stored_layouts_tokens(trained_smal
     assert model_fingerprint(fast) == model_fingerprint(as_stored)
     names = [name for name, _ in stored_parameters(fast)]
     assert "wte.weight" in names and "h.0.attn.c_attn.scales" in names and not any("levels" in n for n in names)
+
+
+def test_lora_over_re_laid_layers_computes_the_same_and_fuses(trained_small_dir):
+    """Adapters loaded onto a quantized base wrap MLX's layers, which `load` then re-lays under them."""
+    from mlx_gpt2.lora.layers import LoRALinear, LoRASpec, apply_lora, fuse_lora
+
+    model, _ = load(trained_small_dir, quantize=True, layout="checkpoint")
+    apply_lora(model, LoRASpec(num_layers=1))
+    for _, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05  # a nonzero update
+    ids = mx.array([list(range(2000, 2012))])
+    expected = model(ids[:, :1]), model(ids)
+    use_cpu_quantized(model)
+    assert isinstance(model.h[-1].attn.c_attn.linear, InputMajorQuantizedLinear)
+    for want, got in zip(expected, (model(ids[:, :1]), model(ids))):
+        assert _close(got, want) < 1e-5
+    fuse_lora(model)  # back in the stored form, quantized again
+    assert isinstance(model.h[-1].attn.c_attn, nn.QuantizedLinear) and not any(isinstance(m, InputMajorQuantizedLinear) for _, m in model.named_modules())
