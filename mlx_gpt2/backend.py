@@ -81,7 +81,7 @@ def _input_major(weight: mx.array, rows: int = 256) -> mx.array:
 
 def use_input_major(model: nn.Module, *, evaluate: bool = False) -> nn.Module:
     """Re-lay every float `nn.Linear` weight, and the token embedding when it is the tied output head,
-    as (in, out) in memory. Quantized layers are left as they are. Returns `model`.
+    as (in, out) in memory. Quantized layers are left to `cpu_quantized`. Returns `model`.
 
     Re-laying a weight holds it twice for a moment. `evaluate=True` materialises the weights one at a
     time, the largest (the embedding) first, while little else is in memory, so a float model's peak
