@@ -259,7 +259,11 @@ def _replace(model: nn.Module, wanted: Callable[[nn.Module], bool], convert: Cal
     time is held in both forms."""
     names = [name for name, module in model.named_modules() if wanted(module)]
     for name in names:  # by name: a list of the modules themselves would keep every replaced one alive
-        new = convert(dict(model.named_modules())[name])
+        module = model
+        for part in name.split("."):  # walked directly: re-listing the modules each time took 0.2 s on gpt2-medium
+            module = module[int(part)] if isinstance(module, list) else module[part]
+        new = convert(module)
+        del module
         mx.eval(new.parameters())
         model.update_modules(tree_unflatten([(name, new)]))
 
