@@ -136,6 +136,8 @@ class InputMajorQuantizedLinear(nn.Module):
     `stored()` gives back the `nn.QuantizedLinear` it was made from, array for array.
     """
 
+    STORED = CPUQuantizedLinear
+
     def __init__(self, m: nn.QuantizedLinear | nn.QuantizedEmbedding) -> None:
         super().__init__()
         self.group_size, self.bits, self.mode = m.group_size, m.bits, m.mode
@@ -153,20 +155,23 @@ class InputMajorQuantizedLinear(nn.Module):
     def _product(self, x: mx.array) -> mx.array:
         """x [..., in] -> x @ W.T [..., out_padded], without the bias."""
         rows = x.reshape(-1, self.input_dims)
-        if _many_rows_on_cpu(rows):
-            y = self._dequantized_product(rows)
-        else:
-            # In float32 whatever x's dtype: the offsets' term cancels much of the scaled partial sums, and
-            # 16-bit partial sums were 5x further from the float32 model than MLX's 16-bit kernel (gpt2
-            # in bfloat16: 0.36 vs 0.26 of a logit); in float32 they are 5x closer (0.05).
-            groups, f32 = self.group_scales.shape[0], mx.float32
-            xg = rows.astype(f32).reshape(-1, groups, self.group_size).transpose(1, 0, 2)  # [groups, rows, group_size]
-            levels = self["levels"].reshape(groups, self.group_size, -1)
-            unit, zero = _unit(f32, (*levels.shape[:2], self.group_scales.shape[1] // UNIT_GROUP))
-            partial = mx.quantized_matmul(xg, levels, unit, zero, transpose=False, group_size=UNIT_GROUP, bits=self.bits)
-            scales, biases = self.group_scales.astype(f32), self.group_biases.astype(f32)
-            y = ((partial * scales[:, None]).sum(axis=0) + xg.sum(axis=-1).T @ biases).astype(x.dtype)
+        y = self._dequantized_product(rows) if _many_rows_on_cpu(rows) else self._kernel_product(rows)
         return y.reshape(*x.shape[:-1], -1)
+
+    def _kernel_product(self, rows: mx.array) -> mx.array:
+        """rows @ W.T on MLX's fast kernel: every input group's partial sums, combined with the stored scales.
+
+        In float32 whatever the rows' dtype: the offsets' term cancels much of the scaled partial sums, and
+        16-bit partial sums were 5x further from the float32 model than MLX's 16-bit kernel (gpt2 in
+        bfloat16: 0.36 vs 0.26 of a logit); in float32 they are 5x closer (0.05).
+        """
+        groups, f32 = self.group_scales.shape[0], mx.float32
+        xg = rows.astype(f32).reshape(-1, groups, self.group_size).transpose(1, 0, 2)  # [groups, rows, group_size]
+        levels = self["levels"].reshape(groups, self.group_size, -1)
+        unit, zero = _unit(f32, (*levels.shape[:2], self.group_scales.shape[1] // UNIT_GROUP))
+        partial = mx.quantized_matmul(xg, levels, unit, zero, transpose=False, group_size=UNIT_GROUP, bits=self.bits)
+        scales, biases = self.group_scales.astype(f32), self.group_biases.astype(f32)
+        return ((partial * scales[:, None]).sum(axis=0) + xg.sum(axis=-1).T @ biases).astype(rows.dtype)
 
     def _dequantized_product(self, rows: mx.array) -> mx.array:
         """rows @ W.T through BLAS, the weight dequantized a block of outputs (DEQUANTIZE_BLOCK) at a time,
@@ -211,9 +216,10 @@ class InputMajorQuantizedLinear(nn.Module):
         return {**arrays, "bias": self["bias"]} if "bias" in self else arrays
 
     def stored(self) -> nn.Module:
-        """The stored form: a `CPUQuantizedLinear` with exactly the arrays this layer was made from."""
-        layer = CPUQuantizedLinear.__new__(CPUQuantizedLinear)
-        nn.Module.__init__(layer)  # not QuantizedLinear's: it would quantize a random weight first
+        """The stored form: a `STORED` layer (MLX's, with the many-rows path) holding exactly the arrays this
+        layer was made from."""
+        layer = self.STORED.__new__(self.STORED)
+        nn.Module.__init__(layer)  # not MLX's __init__: it would quantize a random weight first
         layer.group_size, layer.bits, layer.mode = self.group_size, self.bits, self.mode
         for name, array in self.stored_arrays().items():
             setattr(layer, name, array)
@@ -226,6 +232,8 @@ class InputMajorQuantizedLinear(nn.Module):
 class InputMajorQuantizedEmbedding(InputMajorQuantizedLinear):
     """An MLX quantized Embedding held like the Linear above: rows looked up from the [dims, vocab] levels,
     and the output head (`as_linear`) on the fast kernel."""
+
+    STORED = CPUQuantizedEmbedding
 
     def __call__(self, ids: mx.array) -> mx.array:
         flat = ids.reshape(-1)
@@ -241,14 +249,9 @@ class InputMajorQuantizedEmbedding(InputMajorQuantizedLinear):
         return self._product(x)[..., : self.output_dims]
 
     def stored(self) -> nn.Module:
-        """The stored form: a `CPUQuantizedEmbedding` with exactly the arrays this layer was made from."""
-        layer = CPUQuantizedEmbedding.__new__(CPUQuantizedEmbedding)
-        nn.Module.__init__(layer)
-        layer.group_size, layer.bits, layer.mode = self.group_size, self.bits, self.mode
+        layer = super().stored()
         layer.num_embeddings, layer.dims = self.output_dims, self.input_dims
-        for name, array in self.stored_arrays().items():
-            setattr(layer, name, array)
-        return layer.freeze()
+        return layer
 
 
 QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding, InputMajorQuantizedLinear)  # InputMajor*Embedding too
@@ -309,9 +312,6 @@ def dequantized_head(model: nn.Module) -> Callable[[mx.array], mx.array]:
     shared by every call: a loss computed slice by slice then holds one copy (154 MB on gpt2), not one
     per slice, and dequantizes once."""
     head = model.lm_head if "lm_head" in model else model.wte
-    if isinstance(head, InputMajorQuantizedLinear):
-        weight, vocab = head.dequantized(), head.output_dims  # [dims, vocab_padded]: BLAS's fast case
-        return lambda x: (x @ weight.astype(x.dtype))[..., :vocab]
     if not isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)) or mx.default_device() != mx.cpu:
         return model.head
     weight = dequantized_weight(head)
