@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import json
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
 
-from ..config import GPT2Config
-from ..errors import UserError
-from ..fileio import atomic_directory, check_output_dir
+from ..config import GPT2Config, read_config_json
+from ..errors import CheckpointError, UserError
+from ..fileio import atomic_directory, check_output, claim_output, write_json_atomic
 from ..quantize import QuantizeConfig, quantize_weights
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, has_tokenizer_files
 from .hub import resolve_source
 from .read import read_tensors
-from .weights import MLX_PREFIX, add_mlx_prefix, check_weights, hf_to_mlx, mlx_to_hf, strip_mlx_prefix
+from .weights import (
+    MLX_PREFIX, add_mlx_prefix, check_finite, check_sizes, check_weights, hf_to_mlx, mlx_to_hf, strip_mlx_prefix,
+)
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 FORMAT_VERSION = 1
+GPT2_VOCAB_SIZE = 50257  # the bundled tokenizer's: a model with at least this many embeddings can use it
 
 
 def parse_dtype(name: str | None) -> mx.Dtype | None:
@@ -32,18 +35,44 @@ def read_model_dir(directory: Path) -> tuple[GPT2Config, dict, dict[str, mx.arra
     """(config, raw config.json, weights in our names and layout) from any GPT-2 directory we can read.
 
     Names prefixed with `model.` come from mlx-lm's converter or ours (Linear layout already); anything
-    else is a transformers checkpoint and goes through the rename/transpose table.
+    else is a transformers checkpoint and goes through the rename/transpose table. Nothing is read but
+    headers: the weights stay lazy.
     """
     config_path = directory / "config.json"
-    config = GPT2Config.from_file(config_path)
-    raw_config = json.loads(config_path.read_text())
+    raw_config = read_config_json(config_path)
+    config = GPT2Config.from_config_json(raw_config, source=str(config_path))
     tensors = read_tensors(directory)
     if any(k.startswith(MLX_PREFIX) for k in tensors):
         weights = strip_mlx_prefix(tensors)
-        if "quantization" not in raw_config:  # quantized trees are checked when the model is rebuilt
+        if "quantization" in raw_config:  # quantized trees are checked in full when the model is rebuilt
+            check_sizes(weights, config, source=str(directory))
+        else:
             check_weights(weights, config, source=str(directory))
         return config, raw_config, weights
-    return config, raw_config, hf_to_mlx(tensors, config)
+    return config, raw_config, hf_to_mlx(tensors, config, source=str(directory))
+
+
+def read_tokenizer(directory: Path, config: GPT2Config) -> Tokenizer:
+    """The directory's own tokenizer, or GPT-2's bundled one (with a warning) for a checkpoint that has none.
+
+    A vocabulary larger than the model's is refused: its ids would index past the embedding.
+    """
+    if has_tokenizer_files(directory):
+        tokenizer = Tokenizer.from_dir(directory)
+    elif config.vocab_size >= GPT2_VOCAB_SIZE:
+        warnings.warn(f"{directory} has no tokenizer files (vocab.json + merges.txt or tokenizer.json); using GPT-2's own BPE")
+        tokenizer = Tokenizer.gpt2()
+    else:
+        raise UserError(
+            f"{directory} has no tokenizer files and its vocabulary ({config.vocab_size}) is not GPT-2's; "
+            "copy vocab.json and merges.txt (or tokenizer.json) from the model's Hub snapshot"
+        )
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size} "
+            "embeddings, so some ids have no embedding; use the tokenizer files that came with these weights"
+        )
+    return tokenizer
 
 
 def write_model_dir(
@@ -57,7 +86,7 @@ def write_model_dir(
     tensors, layout = (mlx_to_hf(weights), "pt") if hf_layout else (add_mlx_prefix(weights), "mlx")
     with atomic_directory(out, force=force) as tmp:
         mx.save_safetensors(str(tmp / "model.safetensors"), tensors, metadata={"format": layout})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_json_atomic(tmp / "config.json", config)
         tokenizer.save(tmp)
 
 
@@ -75,20 +104,21 @@ def convert(
     `dtype` is float32, float16 or bfloat16; None keeps the checkpoint's own dtype. `quantize` (True, a
     dict or a QuantizeConfig, see mlx_gpt2.quantize) writes a quantized model, its settings in config.json.
     """
-    out = Path(out).expanduser()
-    check_output_dir(out, force=force)  # before any download: fail fast
+    check_output(out, force=force)  # before any download: fail fast
     spec = QuantizeConfig.coerce(quantize)
     target = parse_dtype(dtype)
     directory = resolve_source(str(source), revision=revision)
-    config, raw_config, weights = read_model_dir(directory)
-    if target is not None:
-        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    tokenizer = Tokenizer.from_dir(directory)
-    new_config = {**raw_config, **config.to_dict()}
-    new_config["mlx_gpt2"] = {"format_version": FORMAT_VERSION, "source": str(source), "revision": revision}
-    if spec is not None:
-        weights, new_config["quantization"], summary = quantize_weights(config, raw_config, weights, spec)
-        new_config["quantization_config"] = new_config["quantization"]  # mlx-lm mirrors it there too
-        new_config["mlx_gpt2"]["quantization"] = summary
-    write_model_dir(out, weights, new_config, tokenizer, force=force)
+    with claim_output(out, force=force, inputs=[directory]) as out:
+        config, raw_config, weights = read_model_dir(directory)
+        tokenizer = read_tokenizer(directory, config)
+        check_finite(weights, source=str(directory))
+        if target is not None:
+            weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+        new_config = {**raw_config, **config.to_dict()}
+        new_config["mlx_gpt2"] = {"format_version": FORMAT_VERSION, "source": str(source), "revision": revision}
+        if spec is not None:
+            weights, new_config["quantization"], summary = quantize_weights(config, raw_config, weights, spec)
+            new_config["quantization_config"] = new_config["quantization"]  # mlx-lm mirrors it there too
+            new_config["mlx_gpt2"]["quantization"] = summary
+        write_model_dir(out, weights, new_config, tokenizer, force=force)
     return out

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import collections
 import io
-import json
+import math
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -21,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_gpt2.errors import CheckpointError
+from mlx_gpt2.fileio import parse_json
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -42,14 +44,76 @@ def read_tensors(directory: Path) -> dict[str, mx.array]:
     }
     for name in WEIGHT_FILES:
         if (directory / name).is_file():
-            return readers[name](directory / name)
+            return _at_most_float32(readers[name](directory / name), directory)
     raise CheckpointError(
         f"no weights in {directory}: looked for {', '.join(WEIGHT_FILES)}; "
         "pass a GPT-2 checkpoint directory or a Hub repo id"
     )
 
 
+# safetensors dtype names -> bytes per element (the format's own table).
+SAFETENSORS_DTYPES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
+def check_safetensors(path: Path) -> None:
+    """Read and check a safetensors header before MLX sees the file.
+
+    Every tensor's bytes must lie inside the file, match its shape and dtype exactly, and overlap no
+    other tensor's: a header that lies about any of these would make a reader allocate or read past
+    what the file holds.
+    """
+    truncated = f"{path} is truncated or not a safetensors file; re-download it"
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(truncated)
+        header = parse_json(f.read(length), source=f"{path}'s header", hint="; re-download it")
+    if not isinstance(header, dict):
+        raise CheckpointError(truncated)
+    data_size, spans = size - 8 - length, []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        spans.append((*_tensor_span(path, name, entry, data_size), name))
+    spans.sort()
+    for (begin, end, name), (next_begin, _, next_name) in zip(spans, spans[1:]):
+        if next_begin < end:
+            raise CheckpointError(f"{path}: tensors {name} and {next_name} overlap in the file; it is corrupt, re-download it")
+
+
+def _tensor_span(path: Path, name: str, entry: Any, data_size: int) -> tuple[int, int]:
+    """(begin, end) byte offsets of one header entry, after checking them against its dtype and shape."""
+    bad = f"{path}: the header entry of tensor {str(name)[:80]} is corrupt"
+    if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{bad} (unknown dtype); re-download it")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and _all_natural(shape) and isinstance(offsets, list) and len(offsets) == 2
+            and _all_natural(offsets)):  # fmt: skip
+        raise CheckpointError(f"{bad} (shape or offsets); re-download it")
+    begin, end = offsets
+    if not begin <= end <= data_size:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file; re-download it (tensor {str(name)[:80]} lies past its end)")
+    if end - begin != math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]]:
+        raise CheckpointError(f"{bad}: {end - begin} bytes for a {entry['dtype']} tensor of shape {shape}; re-download it")
+    return begin, end
+
+
+def _at_most_float32(tensors: dict[str, mx.array], directory: Path) -> dict[str, mx.array]:
+    """float64 weights as float32: MLX computes in float32 at most (float64 only on the CPU, slowly)."""
+    wide = [name for name, t in tensors.items() if t.dtype == mx.float64]
+    if wide:
+        warnings.warn(f"{directory} stores {len(wide)} tensor(s) in float64; they are read as float32")
+    return {name: t.astype(mx.float32) if t.dtype == mx.float64 else t for name, t in tensors.items()}
+
+
 def read_safetensors(path: Path) -> dict[str, mx.array]:
+    check_safetensors(path)
     try:
         return mx.load(str(path), format="safetensors")
     except (RuntimeError, ValueError) as error:
@@ -79,12 +143,8 @@ def read_sharded(index_path: Path, read_one: Callable[[Path], dict]) -> dict[str
 
 
 def _weight_map(index_path: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(
-            f"{index_path} is not a shard index (no valid weight_map); re-download the checkpoint"
-        ) from error
+    index = parse_json(index_path.read_bytes(), source=str(index_path), hint="; re-download the checkpoint")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(name, str) and isinstance(shard, str) and shard == Path(shard).name
         for name, shard in weight_map.items()
@@ -221,7 +281,7 @@ def read_torch_bin(path: Path) -> dict[str, mx.array]:
     except CheckpointError:
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, KeyError, IndexError,
-            AttributeError, TypeError, ValueError, MemoryError) as error:  # fmt: skip
+            AttributeError, TypeError, ValueError, MemoryError, RecursionError, OverflowError) as error:  # fmt: skip
         raise CheckpointError(
             f"{path} is truncated or not a PyTorch checkpoint ({type(error).__name__}: {error}); "
             "re-download it"
@@ -238,6 +298,9 @@ def _read_torch_zip(path: Path) -> tuple[dict[str, _TensorRef], dict[str, np.nda
         order = "<"
         if f"{root}byteorder" in archive.namelist():
             order = ">" if archive.read(f"{root}byteorder").strip() == b"big" else "<"
+        size = path.stat().st_size
+        if any(info.file_size > size for info in archive.infolist()):  # a compressed member can claim any size
+            raise CheckpointError(f"{path} holds members larger than the file itself; it is not a torch.save checkpoint")
         unpickler = _TensorUnpickler(io.BytesIO(archive.read(pickles[0])), path)
         refs = _state_dict(unpickler.load(), path)
         storages = {
@@ -249,6 +312,7 @@ def _read_torch_zip(path: Path) -> tuple[dict[str, _TensorRef], dict[str, np.nda
 
 def _read_torch_legacy(path: Path) -> tuple[dict[str, _TensorRef], dict[str, np.ndarray]]:
     """torch < 1.6: magic, protocol, sys info, the state dict, storage keys, then each storage raw."""
+    size = path.stat().st_size
     with open(path, "rb") as file:
         header = [_plain_unpickle(file, path) for _ in range(3)]
         if header[0] != _LEGACY_MAGIC or header[1] != _LEGACY_PROTOCOL or not isinstance(header[2], dict):
@@ -263,7 +327,7 @@ def _read_torch_legacy(path: Path) -> tuple[dict[str, _TensorRef], dict[str, np.
         for key in keys:  # each: element count (int64), then the elements
             storage_type, numel = unpickler.storages[key]
             count = int(np.frombuffer(file.read(8), dtype=f"{order}i8")[0])
-            if count != numel:
+            if count != numel or numel * storage_type.dtype.itemsize > size - file.tell():
                 raise CheckpointError(f"{path} has a storage of the wrong size; re-download it")
             data = file.read(numel * storage_type.dtype.itemsize)
             storages[key] = _storage_array(data, storage_type, numel, order)
@@ -294,6 +358,13 @@ def _storage_array(data: bytes, storage_type: _StorageType, numel: int, order: s
 
 def _to_mx(ref: _TensorRef, storages: dict[str, np.ndarray], path: Path) -> mx.array:
     storage = storages[ref.storage.key]
+    if math.prod(ref.size) > storage.size:
+        # Only zero or overlapping strides make a tensor larger than its storage: a 642-byte file could
+        # otherwise ask for a 20000 x 20000 copy. No GPT-2 checkpoint stores such a view.
+        raise CheckpointError(
+            f"{path} has a tensor of shape {ref.size} over a storage of {storage.size} elements; "
+            "the file is corrupt or hostile, use the model's safetensors"
+        )
     if 0 in ref.size:
         array = np.empty(ref.size, dtype=storage.dtype)
     else:

@@ -14,6 +14,7 @@ from ..errors import CheckpointError
 CONV1D_WEIGHTS = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # The causal-mask buffers old checkpoints saved beside the weights: constants, not parameters.
 BUFFERS = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
+BLOCK_NAME = re.compile(r"^h\.(\d+)\.")
 # Prefixes that wrap the same names: transformers' save_pretrained, and mlx-lm's converted directories.
 HF_PREFIX = "transformer."
 MLX_PREFIX = "model."
@@ -31,7 +32,7 @@ def _rename_hf(name: str) -> str:
     return name[len(HF_PREFIX) :] if name.startswith(HF_PREFIX) else name
 
 
-def hf_to_mlx(tensors: dict[str, mx.array], config: GPT2Config) -> dict[str, mx.array]:
+def hf_to_mlx(tensors: dict[str, mx.array], config: GPT2Config, *, source: str = "checkpoint") -> dict[str, mx.array]:
     """A transformers GPT2LMHeadModel state dict (any prefix, buffers, tied or not) -> our names and layout."""
     out: dict[str, mx.array] = {}
     for hf_name, tensor in tensors.items():
@@ -41,7 +42,7 @@ def hf_to_mlx(tensors: dict[str, mx.array], config: GPT2Config) -> dict[str, mx.
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # transformers ties it to wte on load, whatever the file holds
         out[name] = tensor.T if CONV1D_WEIGHTS.match(name) else tensor
-    check_weights(out, config)
+    check_weights(out, config, source=source)
     return out
 
 
@@ -59,8 +60,42 @@ def add_mlx_prefix(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return {MLX_PREFIX + k: v for k, v in weights.items()}
 
 
+def stored_sizes(weights: dict[str, mx.array]) -> dict[str, int]:
+    """The sizes a checkpoint's own tensors show (quantized or not), from names and shapes alone.
+
+    Layer norms and biases are never quantized, so they give the widths; the embeddings' first axes give
+    the vocabulary and the window; the names give the number of blocks.
+    """
+    sizes: dict[str, int] = {}
+    blocks = {int(m.group(1)) for m in map(BLOCK_NAME.match, weights) if m}
+    sizes["n_layer"] = max(blocks) + 1 if blocks else 0
+    rows = {"vocab_size": "wte.weight", "n_positions": "wpe.weight", "n_embd": "ln_f.weight", "ffn_dim": "h.0.mlp.c_fc.bias"}
+    for size, name in rows.items():
+        if name in weights and weights[name].ndim >= 1:
+            sizes[size] = int(weights[name].shape[0])
+    return sizes
+
+
+def check_sizes(
+    weights: dict[str, mx.array], config: GPT2Config, *, source: str = "checkpoint", only: tuple[str, ...] | None = None
+) -> None:
+    """Refuse a config.json whose sizes (`only` these) are not those of the stored tensors, before anything
+    is built. A config claiming 300000 layers beside a 2-layer checkpoint would otherwise build 300000 blocks.
+    """
+    wanted = {"n_layer": config.n_layer, "vocab_size": config.vocab_size, "n_positions": config.n_positions,
+              "n_embd": config.n_embd, "ffn_dim": config.ffn_dim}  # fmt: skip
+    found = {k: v for k, v in stored_sizes(weights).items() if only is None or k in only}
+    wrong = [f"{name} {wanted[name]} but the tensors hold {value}" for name, value in found.items() if value != wanted[name]]
+    if wrong:
+        raise CheckpointError(
+            f"{source}: config.json says {'; '.join(wrong)}; config.json belongs to another model: "
+            "use the one that came with these weights"
+        )
+
+
 def check_weights(weights: dict[str, mx.array], config: GPT2Config, *, source: str = "checkpoint") -> None:
-    """Raise one CheckpointError listing every missing, unexpected and wrongly shaped tensor."""
+    """Raise one CheckpointError listing every missing, unexpected, wrongly shaped or wrongly typed tensor."""
+    check_sizes(weights, config, source=source, only=("n_layer",))  # the one size that costs to build
     expected = expected_shapes(config)
     problems = []
     missing = sorted(set(expected) - set(weights))
@@ -72,10 +107,30 @@ def check_weights(weights: dict[str, mx.array], config: GPT2Config, *, source: s
     for name in sorted(set(expected) & set(weights)):
         if tuple(weights[name].shape) != expected[name]:
             problems.append(f"{name} has shape {tuple(weights[name].shape)}, config.json implies {expected[name]}")
+        elif not mx.issubdtype(weights[name].dtype, mx.floating):
+            problems.append(f"{name} holds {weights[name].dtype} values where weights are floating point")
     if problems:
         raise CheckpointError(
             f"{source} does not match its config.json: " + "; ".join(problems)
             + " (is config.json from the same model? is this a GPT2LMHeadModel checkpoint?)"
+        )
+
+
+def nonfinite(weights: dict[str, mx.array]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity (every tensor is read once)."""
+    names = [name for name, w in weights.items() if mx.issubdtype(w.dtype, mx.floating)]
+    flags = [mx.isfinite(weights[name]).all() for name in names]
+    mx.eval(flags)
+    return [name for name, ok in zip(names, flags) if not ok.item()]
+
+
+def check_finite(weights: dict[str, mx.array], *, source: str) -> None:
+    """Refuse weights holding NaN or infinity: such a model computes nothing but NaN ("!!!!" as text)."""
+    bad = nonfinite(weights)
+    if bad:
+        raise CheckpointError(
+            f"{source}: {len(bad)} tensor(s) hold NaN or infinite values ({_short(bad, 4)}); the checkpoint is "
+            "corrupt or training diverged: re-download it or use an earlier checkpoint"
         )
 
 

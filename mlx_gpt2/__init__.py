@@ -1,26 +1,59 @@
-"""mlx-gpt2: GPT-2 in MLX — convert, generate, quantize, fine-tune and look inside."""
+"""mlx-gpt2: GPT-2 in MLX — convert, generate, quantize, fine-tune and look inside.
 
-from .batch import BatchResponse, batch_generate, batch_generate_response
-from .beam import BeamResult, beam_generate, beam_search
-from .cache import KVCache, make_cache
-from .config import GPT2Config
-from .errors import CheckpointError, UserError
-from .generate import GenerationResponse, generate, generate_step, stream_generate
-from .loading import load
-from .model import GPT2
-from .perplexity import PerplexityResult, perplexity
-from .prompt_cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
-from .quantize import QuantizeConfig, bits_per_weight, quantize_model
-from .sampling import make_logits_processors, make_sampler
-from .speculative import speculative_generate_step
-from .tokenizer import Tokenizer
+The public API is imported on first use (`from mlx_gpt2 import load` imports `mlx_gpt2.loading` then),
+so `import mlx_gpt2` and the command line start without importing MLX until a command needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "GPT2", "GPT2Config", "GenerationResponse", "KVCache", "CheckpointError", "Tokenizer", "UserError",
-    "generate", "generate_step", "load", "make_cache", "make_logits_processors", "make_sampler",
-    "stream_generate",
-    "BatchResponse", "BeamResult", "batch_generate", "batch_generate_response", "beam_generate", "beam_search",
-    "load_prompt_cache", "make_prompt_cache", "save_prompt_cache", "speculative_generate_step",
-    "PerplexityResult", "QuantizeConfig", "bits_per_weight", "perplexity", "quantize_model",
-]
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "BatchResponse": "batch", "batch_generate": "batch", "batch_generate_response": "batch",
+    "BeamResult": "beam", "beam_generate": "beam", "beam_search": "beam",
+    "KVCache": "cache", "make_cache": "cache",
+    "GPT2Config": "config",
+    "CheckpointError": "errors", "UserError": "errors",
+    "GenerationResponse": "generate", "generate": "generate", "generate_step": "generate",
+    "stream_generate": "generate",
+    "load": "loading",
+    "GPT2": "model", "check_ids": "model",
+    "PerplexityResult": "perplexity", "perplexity": "perplexity",
+    "load_prompt_cache": "prompt_cache", "make_prompt_cache": "prompt_cache", "save_prompt_cache": "prompt_cache",
+    "QuantizeConfig": "quantize", "bits_per_weight": "quantize", "quantize_model": "quantize",
+    "make_logits_processors": "sampling", "make_sampler": "sampling",
+    "speculative_generate_step": "speculative",
+    "Tokenizer": "tokenizer",
+}  # fmt: skip
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mlx_gpt2' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+class _Package(types.ModuleType):
+    """Exported names win over submodules of the same name (`mlx_gpt2.generate` is the function, as
+    `from mlx_gpt2 import generate` promises, even after the module `mlx_gpt2.generate` was imported)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return  # the import system binding the submodule: it stays in sys.modules only
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

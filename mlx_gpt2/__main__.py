@@ -1,3 +1,21 @@
-from .cli import main
+"""`mlx-gpt2` and `python -m mlx_gpt2`: the command line's entry point.
 
-main()
+Nothing heavy is imported before the `try`, so a Ctrl-C at any moment (even while MLX is still being
+imported) ends with one line and exit code 130, never a traceback.
+"""
+
+import sys
+
+
+def main() -> None:
+    try:
+        from .cli import app
+
+        app()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,8 @@ Two facts about MLX's CPU backend (measured in benchmarks/RESULTS.md) decide the
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -41,6 +43,14 @@ def backend_name() -> str:
         return "metal"
     cuda = getattr(mx, "cuda", None)
     return "cuda" if cuda is not None and cuda.is_available() else "gpu"
+
+
+def physical_memory() -> int:
+    """Bytes of memory this machine has (the bound no single allocation may pass)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): MLX's own view of the device
+        return int(mx.device_info().get("memory_size", 2**40)) if hasattr(mx, "device_info") else 2**40
 
 
 def default_dtype(checkpoint_dtype: mx.Dtype) -> mx.Dtype:

@@ -18,8 +18,8 @@ from .backend import prefill_step
 from .cache import make_cache
 from .errors import UserError
 from .generate import _StopFilter, encode_prompt
-from .model import GPT2
-from .sampling import LogitsProcessor, Sampler, make_logit_bias, make_repetition_penalty, make_sampler
+from .model import GPT2, check_ids
+from .sampling import LogitsProcessor, Sampler, check_seed, make_logit_bias, make_repetition_penalty, make_sampler
 from .tokenizer import Tokenizer
 
 
@@ -29,6 +29,7 @@ class Batch:
     def __init__(self, model: GPT2, prompts: Sequence[list[int]], *, pad_id: int, capacity: int | None = None) -> None:
         if not prompts or any(not p for p in prompts):
             raise ValueError("a batch needs at least one prompt, and every prompt at least one token")
+        prompts = [check_ids(p, model.config.vocab_size, what=f"prompt {i}") for i, p in enumerate(prompts)]
         width = max(len(p) for p in prompts)
         self.model = model
         self.window = model.config.n_positions
@@ -229,6 +230,7 @@ def batch_generate_response(
             f"a prompt is {max(map(len, ids))} tokens, longer than the model's window of "
             f"{model.config.n_positions}; shorten it"
         )
+    check_seed(seed)
     if seed is not None:
         mx.random.seed(seed)
     rows = [_Row(tokenizer, [stop] if isinstance(stop, str) else list(stop or []), p, ignore_eos) for p in ids]

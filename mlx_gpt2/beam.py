@@ -20,6 +20,7 @@ from typing import Literal, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .backend import physical_memory
 from .batch import Batch
 from .errors import UserError
 from .generate import encode_prompt
@@ -108,6 +109,18 @@ def _check_options(num_beams: int, max_tokens: int, length_penalty: float, early
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
 
 
+def check_beam_memory(model: GPT2, rows: int, length: int) -> None:
+    """Refuse a search whose caches and scores could not fit in this machine's memory (num_beams=100000)."""
+    c = model.config
+    itemsize = model.ln_f.weight.dtype.size  # the compute dtype
+    needed = rows * (length * c.n_layer * 2 * c.n_embd * itemsize + 4 * c.vocab_size * 4)  # caches + scores
+    if needed > physical_memory():
+        raise UserError(
+            f"{rows} beams of {length} tokens need about {needed / 1e9:.0f} GB for their caches and scores, more "
+            f"than this machine's {physical_memory() / 1e9:.0f} GB; use fewer beams or fewer tokens"
+        )
+
+
 def _top_continuations(logits: mx.array, running: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Log-probs `[P * n, vocab]` + running scores `[P, n]` -> the k best (score, flat index) per prompt."""
     prompts, n = running.shape
@@ -143,6 +156,7 @@ def beam_search(
             f"a prompt of {max(map(len, ids))} tokens plus max_tokens {max_tokens} passes the model's window "
             f"of {window} positions; shorten the prompt or lower max_tokens"
         )
+    check_beam_memory(model, len(ids) * num_beams, max(map(len, ids)) + max_tokens)
     eos, vocab, k = tokenizer.eos_token_id, model.config.vocab_size, 2 * num_beams
     batch = Batch(model, ids, pad_id=eos, capacity=max(map(len, ids)) + max_tokens)
     logits = mx.repeat(batch.prefill(prefill_step_size), num_beams, axis=0)  # [P * n, vocab]

@@ -2,18 +2,113 @@
 
 from __future__ import annotations
 
-import functools
+import errno
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional, TypeVar
 
 import typer
+import typer.core
 
 from .errors import UserError
 
+def describe(error: BaseException) -> str:
+    """One line for an error a command ended with: what was wrong and, where it helps, what to do."""
+    if isinstance(error, OSError) and error.errno in _OS_HINTS:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror or type(error).__name__}{where}: {_OS_HINTS[error.errno]}"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}" + (f": {error.filename}" if error.filename else "")
+    if isinstance(error, MemoryError):
+        return "out of memory; use a smaller model, a quantized one (--quantize), or shorter inputs"
+    if isinstance(error, RecursionError):
+        return "an input is nested too deeply to be a real file"
+    if isinstance(error, (UserError, ValueError)):
+        text = str(error).strip()
+        return text.splitlines()[0] if text else type(error).__name__
+    return f"internal error ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); " \
+           "please report it with the command you ran (MLX_GPT2_TRACEBACK=1 shows the traceback)"
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full; free some space or write elsewhere",
+    errno.EROFS: "the file system is read-only; choose an output on a writable one",
+    errno.EACCES: "permission denied; choose a location you can read or write",
+    errno.EPERM: "operation not permitted; choose a location you can write",
+    errno.EBUSY: "it is busy or a mount point, which cannot be replaced; write into a directory inside it",
+    errno.EXDEV: "a mount point cannot be replaced; write into a directory inside it",
+    errno.ENAMETOOLONG: "the name is too long; choose a shorter path",
+    errno.ENOENT: "no such file or directory; check the path",
+}
+
+
+def _is_click_error(error: BaseException) -> bool:
+    """A usage or parsing error of click (or of the click that typer >= 0.29 vendors): it formats itself."""
+    return callable(getattr(error, "format_message", None)) and isinstance(getattr(error, "exit_code", None), int)
+
+
+class Group(typer.core.TyperGroup):
+    """The app's top-level group: every way a command can end becomes one line and an exit code.
+
+    `error: ...` and exit 1 for bad input (and anything else a command raises), exit 2 for usage mistakes
+    (an unknown option or command, a value of the wrong type), `interrupted` and exit 130 for Ctrl-C.
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as error:
+            if _is_click_error(error):
+                raise
+            if os.environ.get("MLX_GPT2_TRACEBACK"):
+                raise
+            typer.echo(f"error: {describe(error)}", err=True)
+            raise typer.Exit(1) from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            code = self._run(args, prog_name, complete_var, **extra)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def _run(self, args, prog_name, complete_var, **extra) -> int:
+        try:
+            result = super().main(args, prog_name or "mlx-gpt2", complete_var, standalone_mode=False, **extra)
+        except (typer.Abort, KeyboardInterrupt):
+            typer.echo("interrupted", err=True)
+            return 130
+        except Exception as e:
+            if not _is_click_error(e):
+                raise
+            ctx = getattr(e, "ctx", None)
+            if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:  # bare `mlx-gpt2`: its help
+                typer.echo(ctx.get_help())
+                return 0
+            if e.exit_code == 2:  # click's usage errors
+                command = ctx.command_path if ctx is not None else "mlx-gpt2"
+                typer.echo(f"error: {e.format_message()} (see '{command} --help')", err=True)
+            else:
+                typer.echo(f"error: {e.format_message()}", err=True)
+            return e.exit_code
+        return result if isinstance(result, int) else 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"warning: {message}", err=True)  # one line, without warnings' file:line prefix
+
+
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    cls=Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="GPT-2 in MLX: convert, generate, quantize, fine-tune and inspect.",
 )
 F = TypeVar("F", bound=Callable)
@@ -26,17 +121,22 @@ def fail(message: str) -> None:
 
 
 def user_errors(command: F) -> F:
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (UserError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-            fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(130)
+    """Kept for the command modules: every error is now turned into one line by `Group`."""
+    return command
 
-    return wrapper  # type: ignore[return-value]
+
+def read_stdin(what: str) -> str:
+    """All of stdin as text: strict UTF-8, as --file reads files (never silently replaced by U+FFFD)."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} -: stdin is not UTF-8 text (byte {e.start} is invalid); convert it first") from None
+
+
+def read_prompt(value: str, *, what: str = "--prompt") -> str:
+    """`value`, or stdin when it is '-'."""
+    return read_stdin(what) if value == "-" else value
 
 
 def parse_logit_bias(items: list[str]) -> dict[int, float] | None:
@@ -85,7 +185,7 @@ def generate(
     """Generate text from a prompt, streamed to stdout."""
     from . import load, stream_generate
 
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = read_prompt(prompt)
     bias = parse_logit_bias(logit_bias)
     lm, tokenizer = load(model, revision=revision, dtype=dtype, adapter_path=adapter_path)
     if num_beams != 1 or length_penalty is not None or early_stopping:
@@ -157,8 +257,6 @@ def convert(
     fit_scales: bool = typer.Option(False, "--fit-scales", help="Fit each group's scale and bias by least squares (lower error, same size)."),
 ) -> None:
     """Convert a GPT-2 checkpoint from the Hugging Face Hub (or a local directory) to MLX."""
-    import warnings
-
     from .convert import convert as run_convert
     from .quantize import QuantizeConfig
 
@@ -168,11 +266,7 @@ def convert(
             bits=4 if bits is None else bits, group_size=64 if group_size is None else group_size,
             keep_embeddings=keep_embeddings, recipe=recipe, fit_scales=fit_scales,
         )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        path = run_convert(source, out, dtype=dtype, revision=revision, force=force, quantize=spec)
-    for warning in caught:  # one line each, without warnings' file:line prefix
-        typer.echo(f"warning: {warning.message}", err=True)
+    path = run_convert(source, out, dtype=dtype, revision=revision, force=force, quantize=spec)
     summary = json.loads((path / "config.json").read_text())["mlx_gpt2"].get("quantization")
     typer.echo(f"wrote {path}" + (f" ({summary['bits_per_weight']:.2f} bits per weight)" if summary else ""))
 
@@ -191,6 +285,3 @@ _register_command_groups()
 def main() -> None:
     app()
 
-
-if __name__ == "__main__":
-    main()

@@ -26,16 +26,20 @@ def cache_prompt_command(
     model: str = typer.Option("gpt2", "--model", "-m", help="Hub repo id, Hub-format directory, or converted directory."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float32, float16 or bfloat16."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file at --out."),
 ) -> None:
     """Save the KV cache of a long prompt prefix; `generate --prompt-cache FILE --prompt REST` reuses it."""
-    import sys
-
     from . import load
+    from .cli import read_prompt
+    from .convert import resolve_source
+    from .fileio import check_output, claim_output
     from .prompt_cache import cache_prompt
 
-    text = sys.stdin.read() if prompt == "-" else prompt
-    lm, tokenizer = load(model, revision=revision, dtype=dtype)
-    n = cache_prompt(lm, tokenizer, text, out)
+    check_output(out, force=force, kind="file")  # before the load: fail fast
+    text = read_prompt(prompt)
+    with claim_output(out, force=force, inputs=[resolve_source(model, revision=revision)], kind="file") as path:
+        lm, tokenizer = load(model, revision=revision, dtype=dtype)
+        n = cache_prompt(lm, tokenizer, text, path)
     typer.echo(f"wrote {out} ({n} tokens)")
 
 
@@ -58,6 +62,7 @@ def bench_command(
     work_dir: Path = typer.Option(Path("~/.cache/mlx-gpt2/bench"), "--work-dir", help="Where checkpoints and conversions go."),
     isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="Each measurement in a fresh process (clean memory and load time)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full record (every run) as JSON here."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --json file."),
 ) -> None:
     """Time mlx-gpt2 against mlx-lm and transformers on the same checkpoints; print a markdown table."""
     from .bench import BenchOptions, benchmark, markdown
@@ -70,10 +75,14 @@ def bench_command(
             engines=_split(engines), runs=runs, reference_runs=reference_runs, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
             batch_prompt_tokens=batch_prompt_tokens, work_dir=work_dir, isolate=isolate, source=model,
         )
+    from .fileio import check_output, write_text_atomic
+
+    if json_out is not None:
+        check_output(json_out, force=force, kind="file")  # before minutes of measuring
     record = benchmark(options, log=lambda line: typer.echo(line, err=True))
     typer.echo(markdown(record))
     if json_out is not None:
-        json_out.write_text(json.dumps(record, indent=1) + "\n")
+        write_text_atomic(check_output(json_out, force=force, kind="file"), json.dumps(record, indent=1) + "\n")
         typer.echo(f"wrote {json_out}", err=True)
 
 

@@ -38,24 +38,33 @@ from .cli import ModelOpt, user_errors  # noqa: E402
 TextArg = typer.Argument(..., help="The text to look at; '-' reads it from stdin.")
 JsonOpt = typer.Option(False, "--json", help="Print JSON (shape documented in the README) instead of a table.")
 PngOpt = typer.Option(None, "--png", help="Also draw a picture into this PNG file (needs mlx-gpt2[viz]).")
+ForceOpt = typer.Option(False, "--force", help="Replace an existing --png file.")
 
 
-def _prepare(model: str, text: str, png: Optional[Path]) -> tuple[GPT2, Tokenizer, str]:
-    """Check the picture can be drawn before the (slow) load, then load; -> (model, tokenizer, text)."""
+def _prepare(model: str, text: str, png: Optional[Path], force: bool) -> tuple[GPT2, Tokenizer, str]:
+    """Check the picture can be drawn and written before the (slow) load, then load; -> (model, tokenizer, text)."""
+    from .cli import read_prompt
+
     if png is not None:
+        from .convert import resolve_source
+        from .fileio import check_output
         from .viz import require_matplotlib
 
         require_matplotlib()
+        check_output(png, force=force, inputs=[resolve_source(model)], kind="file")
     from . import load
 
+    text = read_prompt(text, what="TEXT")
     lm, tokenizer = load(model)
-    return lm, tokenizer, sys.stdin.read() if text == "-" else text
+    return lm, tokenizer, text
 
 
-def _save(figure: Figure, png: Path) -> None:
+def _save(figure: Figure, png: Path, force: bool) -> None:
+    from .fileio import claim_output
     from .viz import save_png
 
-    typer.echo(f"wrote {save_png(figure, png)}", err=True)  # stderr, so --json output stays pure
+    with claim_output(png, force=force, kind="file") as path:
+        typer.echo(f"wrote {save_png(figure, path)}", err=True)  # stderr, so --json output stays pure
 
 
 def _json(model: str, tokens: list[str], token_ids: list[int], **fields: Any) -> None:
@@ -116,11 +125,12 @@ def attention(
     head: Optional[int] = typer.Option(None, "--head", help="Head index, 0 to n_head - 1 (default: all heads)."),
     as_json: bool = JsonOpt,
     png: Optional[Path] = PngOpt,
+    force: bool = ForceOpt,
 ) -> None:
     """Attention probabilities of one head, or of every head of a layer."""
     from .inspect import check_index, trace
 
-    lm, tokenizer, text = _prepare(model, text, png)
+    lm, tokenizer, text = _prepare(model, text, png, force)
     check_index("--layer", layer, lm.config.n_layer, "layers")
     if head is not None:
         check_index("--head", head, lm.config.n_head, "heads per layer")
@@ -134,7 +144,7 @@ def attention(
     if png is not None:
         from .viz import attention_figure
 
-        _save(attention_figure(t, layer=layer, head=head), png)
+        _save(attention_figure(t, layer=layer, head=head), png, force)
 
 
 def _lens_json(lens: LogitLens) -> list:
@@ -166,11 +176,12 @@ def logit_lens(
     top: int = typer.Option(5, "--top", "-k", help="Tokens per layer and position in --json (tables show 1)."),
     as_json: bool = JsonOpt,
     png: Optional[Path] = PngOpt,
+    force: bool = ForceOpt,
 ) -> None:
     """The model's guess for the next token after 0, 1, ..., n_layer blocks, at every position."""
     from .inspect import logit_lens as run_lens, trace
 
-    lm, tokenizer, text = _prepare(model, text, png)
+    lm, tokenizer, text = _prepare(model, text, png, force)
     t = trace(lm, tokenizer, text)
     lens = run_lens(lm, tokenizer, t, top=top)
     if as_json:
@@ -180,7 +191,7 @@ def logit_lens(
     if png is not None:
         from .viz import logit_lens_figure
 
-        _save(logit_lens_figure(lens), png)
+        _save(logit_lens_figure(lens), png, force)
 
 
 @inspect_app.command("next")
@@ -191,11 +202,12 @@ def next_token(
     top: int = typer.Option(10, "--top", "-k", help="How many candidates to show."),
     as_json: bool = JsonOpt,
     png: Optional[Path] = PngOpt,
+    force: bool = ForceOpt,
 ) -> None:
     """The most likely next tokens after TEXT, with their probabilities."""
     from .inspect import encode, next_tokens
 
-    lm, tokenizer, text = _prepare(model, text, png)
+    lm, tokenizer, text = _prepare(model, text, png, force)
     ids = encode(lm, tokenizer, text)
     tokens = [tokenizer.decode([i]) for i in ids]
     candidates = next_tokens(lm, tokenizer, ids, top=top)
@@ -212,7 +224,7 @@ def next_token(
     if png is not None:
         from .viz import next_tokens_figure
 
-        _save(next_tokens_figure(candidates, tokens), png)
+        _save(next_tokens_figure(candidates, tokens), png, force)
 
 
 def _embeddings_table(t: Trace, lm: GPT2) -> str:
@@ -235,11 +247,12 @@ def embeddings(
     model: str = ModelOpt,
     as_json: bool = JsonOpt,
     png: Optional[Path] = PngOpt,
+    force: bool = ForceOpt,
 ) -> None:
     """Token embeddings, position embeddings and their sum for each token of TEXT."""
     from .inspect import trace
 
-    lm, tokenizer, text = _prepare(model, text, png)
+    lm, tokenizer, text = _prepare(model, text, png, force)
     t = trace(lm, tokenizer, text)
     if as_json:
         c = lm.config
@@ -251,4 +264,4 @@ def embeddings(
     if png is not None:
         from .viz import embeddings_figure
 
-        _save(embeddings_figure(t), png)
+        _save(embeddings_figure(t), png, force)

@@ -25,14 +25,13 @@ def perplexity_command(
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
 ) -> None:
     """Strided perplexity of a model on a text file: each token scored once, with up to context - stride tokens of left context."""
-    import sys
-
+    from .cli import read_stdin
     from .errors import UserError
     from .loading import load
     from .perplexity import perplexity
 
     if str(file) == "-":
-        text = sys.stdin.read()
+        text = read_stdin("--file")
     else:
         try:
             text = file.read_text(encoding="utf-8")

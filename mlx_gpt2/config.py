@@ -42,20 +42,26 @@ class GPT2Config:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"config.json: {name} must be a positive integer, got {value!r}")
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
-            raise UserError(f"config.json: n_inner must be a positive integer or null, got {self.n_inner!r}")
+            if not _is_int(value) or value < 1:
+                raise UserError(f"config.json: {name} must be a positive integer, got {_short(value)}")
+        if self.n_inner is not None and (not _is_int(self.n_inner) or self.n_inner < 1):
+            raise UserError(f"config.json: n_inner must be a positive integer or null, got {_short(self.n_inner)}")
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise UserError(f"config.json: layer_norm_epsilon must be a number in (0, 1) (GPT-2 uses 1e-05), got {_short(eps)}")
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"config.json: {name} must be true or false, got {_short(getattr(self, name))}")
         if self.n_embd % self.n_head:
             raise UserError(f"config.json: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.activation_function not in ACTIVATIONS:
+        if not isinstance(self.activation_function, str) or self.activation_function not in ACTIVATIONS:
             raise UserError(
-                f"config.json: activation_function {self.activation_function!r} is not supported; "
+                f"config.json: activation_function {_short(self.activation_function)} is not supported; "
                 f"use one of {', '.join(ACTIVATIONS)}"
             )
         if self.num_parameters > MAX_PARAMETERS:
             raise UserError(
-                f"config.json describes a model of {self.num_parameters:.3g} parameters, far beyond any GPT-2 "
+                f"config.json describes a model of {_magnitude(self.num_parameters)} parameters, far beyond any GPT-2 "
                 f"(gpt2-xl has 1.6e9); the config is corrupt: check vocab_size, n_embd, n_layer, n_positions"
             )
 
@@ -89,12 +95,13 @@ class GPT2Config:
 
     @classmethod
     def from_file(cls, path: str | Path) -> GPT2Config:
-        path = Path(path)
-        raw = read_json(path, missing="a model directory needs its config.json", invalid="; re-download or re-convert the model")
-        if not isinstance(raw, dict):
-            raise UserError(f"{path} must hold a JSON object of GPT-2 hyperparameters")
+        return cls.from_config_json(read_config_json(path), source=str(path))
+
+    @classmethod
+    def from_config_json(cls, raw: dict[str, Any], *, source: str) -> GPT2Config:
+        """From a checkpoint's config.json as read (`read_config_json`); a model of another type is refused."""
         if raw.get("model_type", "gpt2") != "gpt2":
-            raise UserError(f"{path}: model_type is {raw.get('model_type')!r}; mlx-gpt2 runs GPT-2 models only")
+            raise UserError(f"{source}: model_type is {_short(raw.get('model_type'))}; mlx-gpt2 runs GPT-2 models only")
         return cls.from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +109,30 @@ class GPT2Config:
         out = dataclasses.asdict(self)
         out.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions)
         return out
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The raw config.json of a model directory, as a dict; anything else is a one-line UserError."""
+    path = Path(path)
+    raw = read_json(path, missing="a model directory needs its config.json", invalid="; re-download or re-convert the model")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a JSON object of GPT-2 hyperparameters")
+    return raw
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """repr(value), cut short: a hostile config may hold a 400-digit number or a megabyte of text."""
+    text = repr(value) if not _is_int(value) or value < 10**limit else f"a {len(str(value))}-digit number"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _magnitude(n: int) -> str:
+    """3 significant digits of a count that may be too large for a float (10**400 parameters)."""
+    return f"{n:.3g}" if n < 10**300 else f"about 1e{len(str(n)) - 1}"
 
 
 PRESETS: dict[str, GPT2Config] = {

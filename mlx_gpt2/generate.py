@@ -11,8 +11,8 @@ import mlx.core as mx
 from .backend import prefill_step
 from .cache import KVCache, make_cache
 from .errors import UserError
-from .model import GPT2
-from .sampling import LogitsProcessor, Sampler, greedy, make_logits_processors, make_sampler
+from .model import GPT2, check_ids
+from .sampling import LogitsProcessor, Sampler, check_seed, greedy, make_logits_processors, make_sampler
 from .tokenizer import Tokenizer
 
 Overflow = Literal["slide", "stop", "error"]
@@ -67,6 +67,22 @@ class _Window:
         return cache, recent[-1:]
 
 
+def reuse_cache(cache: list[KVCache], context: list[int]) -> None:
+    """Make a given cache hold a prefix of `context` minus its last token, whose logits start generation.
+
+    A cache holding all of `context` forgets its last position (so its logits are recomputed); one holding
+    more positions than `context` has tokens was filled from another text, and is refused.
+    """
+    if cache[0].offset > len(context):
+        raise ValueError(
+            f"the cache holds {cache[0].offset} positions but the prompt has {len(context)} tokens; pass the full "
+            "context (the cached tokens followed by the new ones) as the prompt"
+        )
+    if cache[0].offset == len(context):
+        for c in cache:
+            c.trim(1)
+
+
 def generate_step(
     prompt: list[int],
     model: GPT2,
@@ -80,6 +96,9 @@ def generate_step(
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token id, log-probs over the vocabulary) for up to `max_tokens` new tokens.
 
+    `prompt` is the whole context, as token ids. A given `cache` (a prompt cache) holds the first of them;
+    only the rest is computed.
+
     The next step's graph is built and queued with `mx.async_eval` before the current token is handed
     out, so Python overhead overlaps with compute. When the window is full, `on_overflow` decides:
     "slide" rebuilds the cache over the most recent tokens, "stop" ends, "error" raises.
@@ -87,15 +106,12 @@ def generate_step(
     sampler = sampler or greedy
     processors = logits_processors or []
     window = _Window(model, on_overflow, prefill_step_size)
-    history = window.fit_prompt(list(prompt))
+    history = window.fit_prompt(check_ids(prompt, model.config.vocab_size))
     if not history:
         raise ValueError("generate_step needs at least one prompt token")
     own_cache = cache is None
     cache = cache if cache is not None else make_cache(len(model.h), len(history))
-    if cache[0].offset >= len(history):  # a cache holding the whole prompt: recompute its last token's logits
-        excess = cache[0].offset - len(history) + 1
-        for c in cache:
-            c.trim(excess)
+    reuse_cache(cache, history)
     _prefill(model, mx.array(history[cache[0].offset : -1]), cache, prefill_step_size)
     if own_cache:  # room for the new tokens only now, after the prefill's activations are gone
         for c in cache:
@@ -219,6 +235,7 @@ def stream_generate(
         vocab_size=model.config.vocab_size, repetition_penalty=repetition_penalty,
         repetition_context_size=repetition_context_size, logit_bias=logit_bias,
     )
+    check_seed(seed)
     if seed is not None:
         mx.random.seed(seed)
     stops = _StopFilter([stop] if isinstance(stop, str) else list(stop or []))

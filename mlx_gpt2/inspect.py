@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import GPT2Config
 from .errors import UserError
-from .model import GPT2, Attention, Block
+from .model import GPT2, Attention, Block, check_ids
 from .tokenizer import Tokenizer
 
 
@@ -88,15 +88,13 @@ def token_label(token: str) -> str:
 
 def encode(model: GPT2, tokenizer: Tokenizer, text: str | Sequence[int]) -> list[int]:
     """Token ids of `text` (or the ids themselves), checked against the model's window and vocabulary."""
-    ids = tokenizer.encode(text) if isinstance(text, str) else [int(i) for i in text]
+    ids = tokenizer.encode(text) if isinstance(text, str) else check_ids(text, model.config.vocab_size, what="the input")
     if not ids:
         raise UserError("nothing to inspect: the text is empty")
-    window, vocab = model.config.n_positions, model.config.vocab_size
+    window = model.config.n_positions
     if len(ids) > window:
         raise UserError(f"the text is {len(ids)} tokens; this model sees at most {window}: shorten it")
-    if not all(0 <= i < vocab for i in ids):
-        raise UserError(f"token ids must be in 0-{vocab - 1}")
-    return ids
+    return check_ids(ids, model.config.vocab_size, what="the text")
 
 
 def _attention(attn: Attention, config: GPT2Config, x: mx.array) -> tuple[mx.array, ...]:

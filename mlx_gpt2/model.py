@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -99,6 +99,24 @@ _ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
 }
 
 
+def check_ids(ids: Sequence[int], vocab_size: int, *, what: str = "the prompt") -> list[int]:
+    """`ids` as a list of ints, each checked to have an embedding; anything else is a one-line UserError.
+
+    MLX's embedding lookup does not check its indices: an id past the table reads memory it does not own
+    (a crash, or silent garbage), so every id from outside the model (prompts given as ids, prompt-cache
+    files, logit biases, API requests) passes through here first. Sampled ids never need it.
+    """
+    out = list(ids)
+    for position, token in enumerate(out):
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
+            shown = repr(token) if len(repr(token)) <= 24 else repr(token)[:21] + "..."
+            raise UserError(
+                f"{what} holds token id {shown} (at position {position}); this model's token ids are "
+                f"integers 0..{vocab_size - 1}"
+            )
+    return out
+
+
 class Attention(nn.Module):
     """Masked multi-head self-attention with one fused QKV projection."""
 
@@ -134,10 +152,12 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.ffn_dim)
         self.c_proj = nn.Linear(config.ffn_dim, config.n_embd)
-        self.act = _ACTIVATIONS[config.activation_function]
+        # The activation's name, not the function: compiled functions cannot be copied or pickled, and the
+        # model should be (copy.deepcopy, multiprocessing).
+        self.activation = config.activation_function
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.c_proj(self.act(self.c_fc(x)))
+        return self.c_proj(_ACTIVATIONS[self.activation](self.c_fc(x)))
 
 
 class Block(nn.Module):

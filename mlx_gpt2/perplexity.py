@@ -15,7 +15,7 @@ import time
 import mlx.core as mx
 
 from .errors import UserError
-from .model import GPT2
+from .model import GPT2, check_ids
 from .tokenizer import Tokenizer
 
 
@@ -103,7 +103,7 @@ def perplexity(
     """Strided perplexity of `model` on `text`. `context` defaults to the model's window (1024 for gpt2),
     `stride` to half the context; `batch_size` windows are evaluated together (same result, more memory)."""
     context, stride = _check_options(model, context, stride, batch_size)
-    ids = tokenizer.encode(text)
+    ids = check_ids(tokenizer.encode(text), model.config.vocab_size, what="the text")
     if len(ids) < 2:
         raise UserError("the text must hold at least 2 tokens to score one")
     token_ids = mx.array(ids)

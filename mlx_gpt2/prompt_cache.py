@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -18,8 +16,10 @@ import mlx.core as mx
 from .backend import prefill_step
 from .cache import KVCache, make_cache
 from .cpu_quantized import stored_parameters
+from .convert.read import check_safetensors
 from .errors import UserError
-from .model import GPT2
+from .fileio import atomic_file, parse_json
+from .model import GPT2, check_ids
 from .tokenizer import Tokenizer
 
 FORMAT = "mlx-gpt2-prompt-cache/1"
@@ -40,6 +40,7 @@ def make_prompt_cache(model: GPT2, tokens: list[int], *, prefill_step_size: int 
     """Prefill a fresh cache with all of `tokens`."""
     if not tokens:
         raise UserError("the prompt to cache is empty; give the prefix text to cache")
+    tokens = check_ids(tokens, model.config.vocab_size, what="the prompt to cache")
     window = model.config.n_positions
     if len(tokens) > window:
         raise UserError(f"the prompt to cache is {len(tokens)} tokens, longer than the model's window of {window}")
@@ -66,16 +67,9 @@ def save_prompt_cache(
         "format": FORMAT, "tokens": json.dumps(tokens), "text": json.dumps(text),
         "fingerprint": model_fingerprint(model), "config": json.dumps(model.config.to_dict()),
     }
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path, suffix=".safetensors") as tmp:
+        mx.save_safetensors(str(tmp), arrays, metadata)
+    return Path(path)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -87,30 +81,45 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         with path.open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
             metadata = json.loads(f.read(min(size, 1 << 26)))["__metadata__"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         metadata = {}
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise UserError(f"{path} is not an mlx-gpt2 prompt cache; make one with `mlx-gpt2 cache-prompt`")
+    missing = [key for key in ("tokens", "fingerprint") if not isinstance(metadata.get(key), str)]
+    if missing:
+        raise UserError(f"prompt cache {path} is damaged: it has no {' or '.join(missing)}; recreate it with `mlx-gpt2 cache-prompt`")
     return metadata
 
 
 def load_prompt_cache(path: str | Path, model: GPT2) -> tuple[list[KVCache], list[int]]:
-    """(cache, token ids of the cached prefix); refuses a cache that another model made."""
+    """(cache, token ids of the cached prefix); refuses a cache that another model made, or a damaged one."""
     metadata = read_metadata(path)
     if metadata["fingerprint"] != model_fingerprint(model):
         raise UserError(
-            f"prompt cache {path} was made by another model (fingerprint {metadata['fingerprint']}, this model's "
+            f"prompt cache {path} was made by another model (fingerprint {metadata['fingerprint'][:32]}, this model's "
             f"is {model_fingerprint(model)}); recreate it with `mlx-gpt2 cache-prompt` and this --model"
         )
-    tokens = json.loads(metadata["tokens"])
-    arrays = mx.load(str(path), format="safetensors")
-    if any(f"{i}.{kind}" not in arrays for i in range(len(model.h)) for kind in ("keys", "values")):
-        raise UserError(f"prompt cache {path} is corrupt: it lacks some layers' keys or values; recreate it")
+    tokens = parse_json(metadata["tokens"], source=f"prompt cache {path}'s token list", hint="; recreate it")
+    if not isinstance(tokens, list):
+        raise UserError(f"prompt cache {path} is damaged: its token list is not a list; recreate it")
+    tokens = check_ids(tokens, model.config.vocab_size, what=f"prompt cache {path}")
+    try:
+        check_safetensors(Path(path))
+        arrays = mx.load(str(path), format="safetensors")
+    except (RuntimeError, ValueError) as error:
+        raise UserError(f"prompt cache {path} is truncated or damaged ({str(error).splitlines()[0][:120]}); recreate it") from None
+    expected = (1, model.config.n_head, len(tokens), model.config.head_dim)
+    names = [f"{i}.{kind}" for i in range(len(model.h)) for kind in ("keys", "values")]
+    wrong = [n for n in names if n not in arrays or tuple(arrays[n].shape) != expected
+             or not mx.issubdtype(arrays[n].dtype, mx.floating)]  # fmt: skip
+    if wrong or len(arrays) != len(names):
+        raise UserError(
+            f"prompt cache {path} is damaged: {wrong[0] if wrong else 'extra arrays'} is not keys or values of shape "
+            f"{expected} for {len(tokens)} tokens; recreate it"
+        )
     cache = make_cache(len(model.h))
     for i, c in enumerate(cache):
         c.state = arrays[f"{i}.keys"], arrays[f"{i}.values"]
-    if cache[0].offset != len(tokens):
-        raise UserError(f"prompt cache {path} is corrupt: {cache[0].offset} positions for {len(tokens)} tokens")
     return cache, tokens
 
 
@@ -143,7 +152,9 @@ def prepare_cached_prompt(
     """(cache, full prompt ids) for the cached text followed by `rest`, ready for stream_generate(cache=...)."""
     metadata = read_metadata(path)
     cache, cached = load_prompt_cache(path, model)
-    text = json.loads(metadata.get("text", "null"))
+    text = parse_json(metadata.get("text", "null"), source=f"prompt cache {path}'s text", hint="; recreate it")
+    if text is not None and not isinstance(text, str):
+        raise UserError(f"prompt cache {path} is damaged: its text is not a string; recreate it")
     # Tokenizing the whole text is what recomputing from scratch would do; the cache must be its prefix.
     ids = tokenizer.encode(text + rest) if text is not None else cached + tokenizer.encode(rest)
     check_prefix(cached, ids)

@@ -31,6 +31,7 @@ from .model import GPT2
 
 BITS = (2, 3, 4, 6, 8)
 GROUP_SIZES = (32, 64, 128)
+STORED_BITS = (2, 3, 4, 5, 6, 8)  # what a saved (e.g. mlx-lm) model may hold; we write BITS
 RECIPES = ("mixed",)
 MODE = "affine"  # MLX's other modes (mxfp4, nvfp4, ...) fix bits and group size; affine is the general one
 PATH_PREFIX = "model."  # mlx-lm's Model wraps the GPT-2 tree in `.model`
@@ -76,6 +77,9 @@ class QuantizeConfig:
             raise UserError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {self.group_size!r}")
         if self.recipe is not None and self.recipe not in RECIPES:
             raise UserError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        for name in ("keep_embeddings", "fit_scales"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"quantize option {name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def fitted(self) -> bool:
@@ -345,6 +349,13 @@ def apply_saved_quantization(model: nn.Module, entry: dict[str, Any], weights: d
 def _checked_params(path: str, params: Any) -> dict[str, Any]:
     if not (isinstance(params, dict) and {"bits", "group_size"} <= set(params)):
         raise CheckpointError(f"config.json: quantization entry for {path} must be false or an object with bits and group_size")
+    if params["bits"] not in STORED_BITS or params["group_size"] not in GROUP_SIZES or \
+            any(isinstance(params[k], bool) for k in ("bits", "group_size")):
+        raise CheckpointError(
+            f"config.json: quantization entry for {path} has bits {str(params['bits'])[:20]} and group_size "
+            f"{str(params['group_size'])[:20]}; MLX stores bits {', '.join(map(str, STORED_BITS))} in groups of "
+            f"{', '.join(map(str, GROUP_SIZES))}"
+        )
     return {"group_size": params["group_size"], "bits": params["bits"], "mode": params.get("mode", MODE)}
 
 

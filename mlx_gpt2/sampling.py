@@ -6,6 +6,7 @@ chains the ones asked for and draws. Every option is checked where it enters, na
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import mlx.core as mx
@@ -35,6 +36,15 @@ def validate(
         raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {repetition_penalty}")
 
 
+MAX_SEED = 2**64 - 1  # MLX's seed is an unsigned 64-bit integer
+
+
+def check_seed(seed: int | None) -> None:
+    """Raise ValueError unless `seed` is None or an integer MLX's random state accepts."""
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {str(seed)[:30]}")
+
+
 def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
     """Keep the k most likely tokens."""
     if k >= logprobs.shape[-1]:
@@ -44,7 +54,12 @@ def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
 
 
 def apply_top_p(logprobs: mx.array, p: float) -> mx.array:
-    """Keep the smallest set of most likely tokens whose probability adds up to at least p (nucleus)."""
+    """Keep the smallest set of most likely tokens whose probability adds up to at least p (nucleus).
+
+    The mass is measured over what earlier filters kept (after top-k, over the top k), as transformers'
+    TopPLogitsWarper measures it: the input is renormalised first.
+    """
+    logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
     order = mx.argsort(-logprobs, axis=-1)
     sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
     probs = mx.exp(sorted_lp)
@@ -107,9 +122,11 @@ def make_repetition_penalty(penalty: float, context_size: int | None = None) -> 
 
 def make_logit_bias(bias: dict[int, float], vocab_size: int) -> LogitsProcessor:
     """Add a fixed bias to chosen token ids (e.g. -inf bans a token)."""
-    for token in bias:
-        if not isinstance(token, int) or not 0 <= token < vocab_size:
-            raise ValueError(f"logit_bias token ids must be integers in [0, {vocab_size}), got {token!r}")
+    for token, value in bias.items():
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
+            raise ValueError(f"logit_bias token ids must be integers in [0, {vocab_size}), got {str(token)[:30]}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) or value == -math.inf):
+            raise ValueError(f"logit_bias values must be finite numbers (or -inf to ban a token), got {str(value)[:30]} for {token}")
     ids = mx.array(list(bias.keys()))
     values = mx.array(list(bias.values()), dtype=mx.float32)
 

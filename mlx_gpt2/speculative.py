@@ -21,8 +21,8 @@ import mlx.core as mx
 
 from .cache import KVCache, make_cache
 from .errors import UserError
-from .generate import Overflow, WindowFull, _prefill, _Window
-from .model import GPT2
+from .generate import Overflow, WindowFull, _prefill, _Window, reuse_cache
+from .model import GPT2, check_ids
 from .sampling import LogitsProcessor, apply_min_p, apply_top_k, apply_top_p, validate
 
 
@@ -91,10 +91,7 @@ class _Speculator:
 
     def start(self, context: list[int]) -> None:
         """Fill both caches with all of `context` but its last token (a given target cache may hold more)."""
-        if self.cache[0].offset >= len(context):  # it holds the whole prompt: recompute the last token
-            excess = self.cache[0].offset - len(context) + 1
-            for c in self.cache:
-                c.trim(excess)
+        reuse_cache(self.cache, context)
         _prefill(self.model, mx.array(context[self.cache[0].offset : -1]), self.cache, self.step_size)
         _prefill(self.draft, mx.array(context[:-1]), self.draft_cache, self.step_size)
 
@@ -189,7 +186,7 @@ def speculative_generate_step(
     check_draft(model, draft_model, num_draft)
     dist = _Distribution(temp, top_k, top_p, min_p)
     window = _Window(model, on_overflow, prefill_step_size)
-    history = window.fit_prompt(list(prompt))
+    history = window.fit_prompt(check_ids(prompt, model.config.vocab_size))
     if not history:
         raise ValueError("speculative_generate_step needs at least one prompt token")
     capacity = min(window.size, len(history) + max_tokens + num_draft)

@@ -17,13 +17,20 @@ from typing import Literal
 import tiktoken
 
 from mlx_gpt2.errors import UserError
-from mlx_gpt2.fileio import write_text_atomic
+from mlx_gpt2.fileio import parse_json, write_text_atomic
 
-# tiktoken's "gpt2" pattern (tiktoken_ext/openai_public.py) in its original form. tiktoken >= 0.8 ships
-# an equivalent variant with possessive quantifiers; this form also compiles in older tiktoken releases.
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# tiktoken's current "gpt2" pattern (r50k_pat_str in tiktoken_ext/openai_public.py): GPT-2's original
+# pre-tokenizer with possessive quantifiers and `\s++$`. The original form (`\s+(?!\S)|\s+`) backtracks
+# through a trailing run of whitespace and the regex engine gives up on a run of ~100,000 spaces.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 ENDOFTEXT = "<|endoftext|>"
 MERGES_HEADER = "#version: 0.2"
+# GPT-2's vocab.json and merges.txt (OpenAI's encoder.json and vocab.bpe, MIT; see its LICENSE file), shipped
+# so that tests and checkpoints without tokenizer files need nothing from the network.
+BUNDLED_DIR = Path(__file__).resolve().parent / "data" / "gpt2"
+# A GPT-2 vocabulary has one token no merge builds (<|endoftext|>); fine-tunes add a few. Thousands mean a
+# merges file cut short: the tokens past the cut would silently become "special" and take wrong ids.
+MAX_SPECIAL_TOKENS = 256
 
 Merge = tuple[str, str]
 
@@ -63,9 +70,12 @@ def bytes_to_token(data: bytes) -> str:
 class Tokenizer:
     """GPT-2 byte-level BPE: ids equal those of tiktoken's `gpt2` and transformers' GPT-2 tokenizer."""
 
-    def __init__(self, vocab: dict[str, int], merges: list[Merge], *, name: str = "gpt2") -> None:
-        """Build from a token -> id map and the merges in rank order; raises UserError if they disagree."""
-        mergeable_ranks, special_tokens = _split_vocab(vocab, merges, source=name)
+    def __init__(self, vocab: dict[str, int], merges: list[Merge], *, name: str = "gpt2", source: str | None = None) -> None:
+        """Build from a token -> id map and the merges in rank order; raises UserError if they disagree.
+
+        `source` names the files in messages (default: `name`).
+        """
+        mergeable_ranks, special_tokens = _split_vocab(vocab, merges, source=source or name)
         self._vocab = dict(vocab)
         self._merges = list(merges)
         self.encoding = tiktoken.Encoding(
@@ -79,17 +89,24 @@ class Tokenizer:
     def from_dir(cls, path: str | Path) -> Tokenizer:
         """Load from `vocab.json` + `merges.txt`, or else from `tokenizer.json`."""
         directory = Path(path)
-        if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
-            vocab = _read_json(directory / "vocab.json")
-            merges = _read_merges_txt(directory / "merges.txt")
-        elif (directory / "tokenizer.json").is_file():
-            vocab, merges = _read_tokenizer_json(directory / "tokenizer.json")
-        else:
+        if not has_tokenizer_files(directory):
             raise UserError(
                 f"no GPT-2 tokenizer files in {directory}: expected vocab.json and merges.txt, "
                 "or tokenizer.json (copy them from the model's Hub snapshot)"
             )
-        return cls(vocab, merges, name=f"gpt2-bpe:{directory}")
+        if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+            vocab = _read_vocab(directory / "vocab.json")
+            merges = _read_merges_txt(directory / "merges.txt")
+            source = str(directory / "merges.txt")
+        else:
+            vocab, merges = _read_tokenizer_json(directory / "tokenizer.json")
+            source = str(directory / "tokenizer.json")
+        return cls(vocab, merges, name=f"gpt2-bpe:{directory}", source=source)
+
+    @classmethod
+    def gpt2(cls) -> Tokenizer:
+        """GPT-2's own BPE (50257 tokens), from the files shipped inside this package."""
+        return cls.from_dir(BUNDLED_DIR)
 
     @property
     def vocab_size(self) -> int:
@@ -207,6 +224,11 @@ def _split_vocab(
             last_id = vocab[result]
             mergeable[token_to_bytes(result)] = last_id
     special = _special_tokens(vocab, set(mergeable.values()), problems)
+    if len(special) > MAX_SPECIAL_TOKENS and not problems:
+        raise UserError(
+            f"{source}: {len(special)} of the vocabulary's {len(vocab)} tokens are built by none of the "
+            f"{len(merges)} merges; the merges are cut short or belong to another vocabulary: re-download them"
+        )
     if ENDOFTEXT not in special:
         problems.append(f"{ENDOFTEXT!r} is missing from the vocab")
     if problems:
@@ -243,6 +265,12 @@ def _special_tokens(vocab: dict[str, int], mergeable_ids: set[int], problems: li
     return special
 
 
+def has_tokenizer_files(directory: Path) -> bool:
+    """Whether `directory` holds vocab.json + merges.txt or tokenizer.json."""
+    pair = (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
+    return pair or (directory / "tokenizer.json").is_file()
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -250,14 +278,19 @@ def _read_text(path: Path) -> str:
         raise UserError(f"cannot read {path}: {error}") from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(_read_text(path))
-    except ValueError as error:
-        raise UserError(f"{path} is not valid JSON: {error}") from None
+def _read_object(path: Path) -> dict:
+    data = parse_json(_read_text(path), source=str(path), hint="; re-download the tokenizer files")
     if not isinstance(data, dict):
         raise UserError(f"{path} should hold a JSON object, found {type(data).__name__}")
     return data
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+    vocab = _read_object(path)
+    bad = next((f"{t!r}: {i!r}" for t, i in vocab.items() if type(i) is not int or i < 0), None)
+    if bad is not None:
+        raise UserError(f"{path} maps tokens to non-negative integer ids, but holds {bad[:80]}; re-download it")
+    return vocab
 
 
 def _read_merges_txt(path: Path) -> list[Merge]:
@@ -272,23 +305,33 @@ def _read_merges_txt(path: Path) -> list[Merge]:
 
 def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[Merge]]:
     """Vocab (added tokens included) and merges from a transformers fast-tokenizer file."""
-    data = _read_json(path)
-    model = data.get("model") or {}
-    if model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
-        raise UserError(f"{path}: expected a BPE model with a vocab, found type {model.get('type')!r}")
+    data = _read_object(path)
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
+        found = model.get("type") if isinstance(model, dict) else type(model).__name__
+        raise UserError(f"{path}: expected a BPE model with a vocab, found {found!r}; re-download tokenizer.json")
     vocab = dict(model["vocab"])
+    bad = next((f"{t!r}: {i!r}" for t, i in vocab.items() if type(i) is not int or i < 0), None)
+    if bad is not None:
+        raise UserError(f"{path}: model.vocab maps tokens to non-negative integer ids, but holds {bad[:80]}")
+    added_tokens, merges = data.get("added_tokens") or [], model.get("merges") or []
+    if not isinstance(added_tokens, list) or not isinstance(merges, list):
+        raise UserError(f"{path}: added_tokens and model.merges must be lists; re-download tokenizer.json")
     used_ids = set(vocab.values())
-    for added in data.get("added_tokens") or []:
+    for added in added_tokens:
+        if not (isinstance(added, dict) and isinstance(added.get("content"), str) and type(added.get("id")) is int
+                and added["id"] >= 0):  # fmt: skip
+            raise UserError(f"{path}: an added token is not {{\"content\": text, \"id\": integer}}: {str(added)[:80]}")
         # Added tokens usually repeat a vocab entry (<|endoftext|> is 50256 in both); add only new ones.
         if added["content"] not in vocab and added["id"] not in used_ids:
             vocab[added["content"]] = added["id"]
             used_ids.add(added["id"])
-    return vocab, [_parse_merge(item, path) for item in model.get("merges") or []]
+    return vocab, [_parse_merge(item, path) for item in merges]
 
 
 def _parse_merge(item: str | list[str], path: Path) -> Merge:
     """One merge: "a b" (merges.txt, older tokenizer.json) or ["a", "b"] (newer tokenizer.json)."""
     parts = item.split(" ") if isinstance(item, str) else item
-    if len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
-        raise UserError(f"{path}: malformed merge {item!r}; expected two tokens")
+    if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
+        raise UserError(f"{path}: malformed merge {str(item)[:80]!r}; expected two tokens")
     return parts[0], parts[1]

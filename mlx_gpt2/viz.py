@@ -8,14 +8,13 @@ Figure sizes grow with the number of tokens, within bounds, so labels stay reada
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .errors import UserError
+from .fileio import atomic_file
 from .inspect import Candidate, LogitLens, Trace, check_index, token_label
 
 if TYPE_CHECKING:
@@ -65,12 +64,6 @@ def _label_axis(ax: Axes, tokens: Sequence[str], axis: str) -> None:
         ax.set_yticks(ticks, labels, fontsize=8)
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
 def save_png(figure: Figure, path: str | Path) -> Path:
     """Write `figure` as a PNG through a temporary sibling file; return the path."""
     path = Path(path).expanduser()
@@ -78,15 +71,8 @@ def save_png(figure: Figure, path: str | Path) -> Path:
         raise UserError(f"cannot write {path}: directory {path.parent} does not exist")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a directory; name a .png file")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".png") as tmp:
         figure.savefig(tmp, format="png", dpi=DPI)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a picture gets the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

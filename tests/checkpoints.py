@@ -25,7 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 TOKENIZER_DIR = Path(
     os.environ.get("MLX_GPT2_TOKENIZER_DIR")
-    or Path(__file__).resolve().parents[2] / "shared" / "gpt2-tokenizer"
+    or Path(__file__).resolve().parents[1] / "mlx_gpt2" / "data" / "gpt2"
 )
 
 # Small enough to build in a fraction of a second; the vocabulary is the real one.

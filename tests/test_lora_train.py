@@ -101,13 +101,60 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint(small_converted, data_dir
     assert signal.getsignal(signal.SIGINT) is before  # the handler was put back
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(small_converted, data_dir, tmp_path):
-    config = small_config(small_converted, data_dir, tmp_path / "run", iters=8, learning_rate=1e12, grad_clip=None, save_every=1)
-    with pytest.raises(UserError, match=r"training loss became (nan|inf) at step \d; stopped \(the checkpoint of step \d") as error:
+def _checkpoint_is_good(model_dir: Path, run: Path) -> bool:
+    """Every saved adapter finite, and the model with them gives finite logits."""
+    if not all(np.isfinite(w).all() for w in adapters(run).values()):
+        return False
+    lm, tokenizer = load(model_dir, adapter_path=run)
+    return bool(mx.isfinite(lm(mx.array([tokenizer.encode("The license is free software")]))).all().item())
+
+
+@pytest.mark.parametrize("learning_rate", [1e12, 1e30])
+def test_a_diverged_run_stops_and_never_keeps_a_bad_checkpoint(small_converted, data_dir, tmp_path, learning_rate):
+    """Weights of 3e30 are finite but their logits are not: such a checkpoint is refused, not kept."""
+    run = tmp_path / "run"
+    config = small_config(small_converted, data_dir, run, iters=8, learning_rate=learning_rate, grad_clip=None, save_every=1)
+    with pytest.raises(UserError, match=r"training diverged: .*(nan|inf).*; stopped \((the checkpoint of step \d+ in .* is kept|no checkpoint was saved)\)"):
         train(config, quiet=True)
-    saved = json.loads((tmp_path / "run" / "state.json").read_text())["step"]
-    assert f"at step {saved + 1};" in str(error.value)
-    assert all(np.isfinite(w).all() for w in adapters(tmp_path / "run").values())
+    if (run / "state.json").exists():
+        assert _checkpoint_is_good(small_converted, run)
+    if learning_rate == 1e30:  # the first step's weights already give inf: nothing was saved, and nothing blocks a rerun
+        assert not (run / "state.json").exists() and not (run / "adapters.safetensors").exists()
+        train(small_config(small_converted, data_dir, run, iters=1), quiet=True)
+        assert _checkpoint_is_good(small_converted, run)
+
+
+@pytest.mark.parametrize("option, value", [("learning_rate", 1e39), ("alpha", 1e39), ("scale", -1e39), ("seed", -1), ("seed", 2**64)])
+def test_options_that_are_not_finite_float32_are_refused_up_front(small_converted, data_dir, tmp_path, option, value):
+    name = "--" + option.replace("_", "-")
+    with pytest.raises(UserError, match=f"{name} must be"):
+        train(small_config(small_converted, data_dir, tmp_path / "run", **{option: value}), quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_one_step_run_that_diverges_exits_1_without_adapters(small_converted, data_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from mlx_gpt2.cli import app
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["lora", "-m", str(small_converted), "--data", str(data_dir), "--adapter-path", str(run),
+                                      "--iters", "1", "--learning-rate", "1e30", "--grad-clip", "0", "--save-every", "1",
+                                      "--max-seq-length", "32", "--quiet"])  # fmt: skip
+    assert result.exit_code == 1 and result.stderr.count("error:") == 1, result.output
+    assert "training diverged" in result.stderr and not (run / "adapters.safetensors").exists()
+
+
+def test_fuse_and_generate_refuse_adapters_that_are_not_finite(small_converted, data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(small_config(small_converted, data_dir, run, iters=1), quiet=True)
+    poisoned = {k: mx.full(v.shape, np.nan) if i == 0 else v for i, (k, v) in enumerate(mx.load(str(run / "adapters.safetensors")).items())}
+    mx.save_safetensors(str(run / "adapters.safetensors"), poisoned)
+    with pytest.raises(UserError, match="hold NaN or infinite values"):
+        fuse(small_converted, run, tmp_path / "fused")
+    with pytest.raises(UserError, match="hold NaN or infinite values"):
+        load(small_converted, adapter_path=run)
+    assert not (tmp_path / "fused").exists()
 
 
 def test_a_new_run_never_overwrites_an_old_one_and_resume_keeps_the_options(small_converted, data_dir, tmp_path):

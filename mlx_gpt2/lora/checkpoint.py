@@ -17,8 +17,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..errors import UserError
-from ..fileio import atomic_directory
-from .layers import ADAPTER_CONFIG, ADAPTERS
+from ..fileio import atomic_directory, parse_json, read_json, write_json_atomic, write_text_atomic
+from .layers import ADAPTER_CONFIG, ADAPTERS, read_adapter_config
 
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
@@ -54,8 +54,8 @@ def save_checkpoint(
     with atomic_directory(out, force=True) as tmp:
         mx.save_safetensors(str(tmp / ADAPTERS), adapters, metadata={"format": "mlx"})
         mx.save_safetensors(str(tmp / OPTIMIZER), dict(tree_flatten(optimizer_state)))
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
-        (tmp / STATE).write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n")
+        write_json_atomic(tmp / ADAPTER_CONFIG, adapter_config)
+        write_json_atomic(tmp / STATE, dataclasses.asdict(state))
         if (out / METRICS).is_file():
             shutil.copyfile(out / METRICS, tmp / METRICS)
 
@@ -64,15 +64,33 @@ def load_checkpoint(out: Path) -> tuple[dict[str, mx.array], dict[str, mx.array]
     """(adapters, flat optimizer state, adapter config, train state) of the run in `out`."""
     if not (out / STATE).is_file():
         raise UserError(f"--resume: {out} holds no checkpoint ({STATE} is missing); start without --resume")
+    damaged = f"--resume: the checkpoint in {out} is incomplete or damaged"
+    state = read_state(out / STATE, damaged)
+    config = read_adapter_config(out)
+    if not isinstance(config.get("train"), dict):
+        raise UserError(f"{damaged}: {ADAPTER_CONFIG} has no \"train\" settings; start a new run")
     try:
-        raw = json.loads((out / STATE).read_text())
-        state = TrainState(**{**raw, "rng": tuple(raw["rng"])})
-        config = json.loads((out / ADAPTER_CONFIG).read_text())
         adapters = mx.load(str(out / ADAPTERS))
         optimizer = mx.load(str(out / OPTIMIZER))
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
-        raise UserError(f"--resume: the checkpoint in {out} is incomplete or damaged ({type(e).__name__}: {e})") from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"{damaged} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return adapters, optimizer, config, state
+
+
+def read_state(path: Path, damaged: str) -> TrainState:
+    """state.json as a TrainState, every field of its type; anything else is one line saying it is damaged."""
+    raw = read_json(path, missing="the run has no checkpoint yet")
+    counts = ("step", "batches_seen", "trained_tokens")
+    rng = raw.get("rng") if isinstance(raw, dict) else None
+    ok = (
+        isinstance(raw, dict) and set(raw) <= {f.name for f in dataclasses.fields(TrainState)}
+        and all(type(raw.get(k, 0)) is int and raw.get(k, 0) >= 0 for k in counts)
+        and isinstance(rng, list) and len(rng) == 2 and all(type(v) is int and 0 <= v < 2**32 for v in rng)
+        and isinstance(raw.get("data_fingerprint", ""), str) and isinstance(raw.get("window", []), list)
+    )  # fmt: skip
+    if not ok:
+        raise UserError(f"{damaged}: {path.name} does not hold a run's state; start a new run")
+    return TrainState(**{**raw, "rng": tuple(rng)})
 
 
 def has_checkpoint(out: Path) -> bool:
@@ -82,8 +100,8 @@ def has_checkpoint(out: Path) -> bool:
 def checkpoint_step(out: Path) -> int | None:
     """The step of the checkpoint in `out`, or None if there is none (or it cannot be read)."""
     try:
-        return int(json.loads((out / STATE).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_state(out / STATE, "").step
+    except UserError:
         return None
 
 
@@ -98,7 +116,7 @@ def read_metrics(out: str | Path) -> list[dict[str, Any]]:
     path = Path(out) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [parse_json(line, source=str(path)) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def truncate_metrics(out: Path, step: int) -> None:
@@ -106,7 +124,5 @@ def truncate_metrics(out: Path, step: int) -> None:
     path = out / METRICS
     if path.is_file():
         kept = [json.dumps(r) for r in read_metrics(out) if r.get("step", 0) <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 

@@ -7,14 +7,14 @@ the same writer and the converter's rename table, so transformers' `GPT2LMHeadMo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mlx.utils import tree_flatten
 
 from ..convert import resolve_source, write_model_dir
 from ..errors import UserError
-from ..fileio import check_output_dir
+from ..config import read_config_json
+from ..fileio import check_output, claim_output
 from ..model import GPT2
 from ..quantize import QuantizeConfig, is_quantized, plan, to_config
 from .layers import fuse_lora, read_adapter_config
@@ -39,24 +39,24 @@ def fuse(
     """
     from ..loading import load
 
-    out = Path(out).expanduser()
-    check_output_dir(out, force=force)  # before the slow load: fail fast, overwrite nothing
+    check_output(out, force=force, inputs=[adapter_path])  # before the slow load: fail fast, overwrite nothing
     adapter = read_adapter_config(adapter_path)
-    lm, tokenizer = load(model, adapter_path=adapter_path)
-    fuse_lora(lm, dequantize=dequantize or export_hf)
-    weights = dict(tree_flatten(lm.parameters()))
-    config = {k: v for k, v in _base_config(model).items() if k not in (*QUANTIZATION_KEYS, "mlx_gpt2")}
-    config.update(lm.config.to_dict())
-    if is_quantized(lm):
-        config.update(dict.fromkeys(QUANTIZATION_KEYS, _quantization_entry(lm, model, adapter)))
-    if not export_hf:
-        config["mlx_gpt2"] = {"format_version": FORMAT_VERSION, "source": str(model), "adapters": str(adapter_path)}
-    write_model_dir(out, weights, config, tokenizer, force=force, hf_layout=export_hf)
+    with claim_output(out, force=force, inputs=[adapter_path, resolve_source(str(model))]) as out:
+        lm, tokenizer = load(model, adapter_path=adapter_path)
+        fuse_lora(lm, dequantize=dequantize or export_hf)
+        weights = dict(tree_flatten(lm.parameters()))
+        config = {k: v for k, v in _base_config(model).items() if k not in (*QUANTIZATION_KEYS, "mlx_gpt2")}
+        config.update(lm.config.to_dict())
+        if is_quantized(lm):
+            config.update(dict.fromkeys(QUANTIZATION_KEYS, _quantization_entry(lm, model, adapter)))
+        if not export_hf:
+            config["mlx_gpt2"] = {"format_version": FORMAT_VERSION, "source": str(model), "adapters": str(adapter_path)}
+        write_model_dir(out, weights, config, tokenizer, force=force, hf_layout=export_hf)
     return out
 
 
 def _base_config(model: str | Path) -> dict:
-    return json.loads((resolve_source(str(model)) / "config.json").read_text())
+    return read_config_json(resolve_source(str(model)) / "config.json")
 
 
 def _quantization_entry(lm: GPT2, model: str | Path, adapter: dict) -> dict:

@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..cpu_quantized import dequantized_weight, use_stored_layout
+from ..convert.weights import check_finite
 from ..errors import UserError
 from ..fileio import read_json
 
@@ -93,14 +94,24 @@ class LoRASpec:
         return {**dataclasses.asdict(self), "keys": list(self.keys)}
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> LoRASpec:
+    def from_dict(cls, raw: dict[str, Any], *, source: str = ADAPTER_CONFIG) -> LoRASpec:
+        """From adapter_config.json's "lora" entry; a field of the wrong type is a one-line UserError."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in known}
-        values["keys"] = tuple(values.get("keys", LORA_KEYS))
-        return cls(**values)
+        keys = values.get("keys", list(LORA_KEYS))
+        kinds = {"num_layers": int, "rank": int, "scale": (int, float), "dropout": (int, float), "full": bool}
+        wrong = [k for k, kind in kinds.items() if k in values and (not isinstance(values[k], kind)
+                 or (kind is not bool and isinstance(values[k], bool)))]  # fmt: skip
+        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+            wrong.append("keys")
+        if "num_layers" not in values:
+            wrong.append("num_layers (missing)")
+        if wrong or not math.isfinite(values.get("scale", 1.0)):
+            raise UserError(f"{source}: the \"lora\" entry has bad {', '.join(wrong) or 'scale'}; it was not written by `mlx-gpt2 lora`, retrain")
+        return cls(**{**values, "keys": tuple(keys)})
 
 
-def check_spec(spec: LoRASpec, n_layer: int) -> None:
+def check_spec(spec: LoRASpec, n_layer: int, n_embd: int) -> None:
     """Refuse options that cannot describe this model, with the allowed range in the message."""
     if not 1 <= spec.num_layers <= n_layer:
         raise UserError(
@@ -110,8 +121,8 @@ def check_spec(spec: LoRASpec, n_layer: int) -> None:
     unknown = [k for k in spec.keys if k not in LORA_KEYS]
     if unknown or not spec.keys:
         raise UserError(f"--lora-keys {','.join(unknown) or '(none)'} not understood; choose from {','.join(LORA_KEYS)}")
-    if spec.rank < 1:
-        raise UserError(f"--rank must be at least 1, got {spec.rank}")
+    if not 1 <= spec.rank <= n_embd:  # a rank past the layer's width adds parameters and nothing else
+        raise UserError(f"--rank must be in [1, {n_embd}] (this model's width), got {spec.rank}")
     if not 0.0 <= spec.dropout < 1.0:
         raise UserError(f"--dropout must be in [0, 1), got {spec.dropout}")
 
@@ -122,7 +133,7 @@ def apply_lora(model: nn.Module, spec: LoRASpec) -> None:
     Only the last `num_layers` blocks are touched; with `full` and every block chosen, the embeddings and
     the final norm train too.
     """
-    check_spec(spec, len(model.h))
+    check_spec(spec, len(model.h), model.config.n_embd)
     use_stored_layout(model)  # LoRA wraps MLX's own quantized layers (a CPU-loaded model holds them re-laid)
     model.freeze()
     blocks = model.h[len(model.h) - spec.num_layers :]
@@ -194,7 +205,7 @@ def read_adapter_config(adapter_path: str | Path) -> dict[str, Any]:
 
 def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
     """Rebuild the LoRA layers adapter_config.json describes and load adapters.safetensors into them."""
-    spec = LoRASpec.from_dict(read_adapter_config(adapter_path)["lora"])
+    spec = LoRASpec.from_dict(read_adapter_config(adapter_path)["lora"], source=str(Path(adapter_path) / ADAPTER_CONFIG))
     path = Path(adapter_path).expanduser() / ADAPTERS
     if not path.is_file():
         raise UserError(f"{path} not found: training has not saved adapters there yet")
@@ -204,6 +215,7 @@ def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
         raise UserError(f"{path} is truncated or not a safetensors file") from None
     apply_lora(model, spec)
     check_adapter_weights(weights, trainable_weights(model), source=str(path))
+    check_finite(weights, source=str(path))  # a diverged run's adapters would make every logit NaN
     model.load_weights(list(weights.items()), strict=False)
     model.freeze()  # loaded for use, not for more training
     return model

@@ -25,9 +25,11 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from ..convert.convert import parse_dtype
 from ..errors import UserError
+from ..convert.weights import nonfinite
+from ..fileio import output_lock
 from ..quantize import QuantizeConfig
 from .checkpoint import (
-    TrainState, append_metrics, checkpoint_step, has_checkpoint, load_checkpoint, rng_key, save_checkpoint, set_rng_key,
+    METRICS, TrainState, append_metrics, checkpoint_step, has_checkpoint, load_checkpoint, rng_key, save_checkpoint, set_rng_key,
     truncate_metrics,
 )
 from .data import Batch, Data, iterate_train, iterate_valid, load_data
@@ -41,6 +43,7 @@ DEFAULT_ALPHA = 16.0
 DEFAULT_MICRO_BATCH_SIZE = 2
 DEFAULT_MAX_SEQ_LENGTH = 512  # the default run on gpt2 fits in 2 GB with this; --max-seq-length goes to the window
 END_LR_RATIO = 0.1  # the cosine schedule ends at a tenth of the peak learning rate
+FLOAT32_MAX = 3.4028234663852886e38  # options are float32 in the compiled step: larger ones would become inf
 FORMAT_VERSION = 1
 # Options that change what a run computes: a resumed run must use the values its checkpoint was made with.
 TRAJECTORY = (
@@ -101,8 +104,14 @@ def check_config(c: TrainConfig) -> None:
     for name, value in positive.items():
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("learning_rate", "alpha", "scale", "dropout", "weight_decay", "grad_clip"):
+        value = getattr(c, name)
+        if value is not None and not (isinstance(value, (int, float)) and abs(value) <= FLOAT32_MAX):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite float32 number (at most {FLOAT32_MAX:.3g}), got {value}")
+    if not isinstance(c.seed, int) or not 0 <= c.seed <= 2**64 - 1:
+        raise UserError(f"--seed must be an integer in [0, 2**64 - 1], got {str(c.seed)[:30]}")
     checks = [
-        (c.learning_rate > 0 and math.isfinite(c.learning_rate), f"--learning-rate must be > 0, got {c.learning_rate}"),
+        (c.learning_rate > 0, f"--learning-rate must be > 0, got {c.learning_rate}"),
         (c.micro_batch_size is None or c.micro_batch_size >= 1, f"--micro-batch-size must be at least 1, got {c.micro_batch_size}"),
         (c.max_seq_length is None or c.max_seq_length >= 2, f"--max-seq-length must be at least 2, got {c.max_seq_length}"),
         (c.alpha is None or c.scale is None, "give --alpha or --scale, not both (scale = alpha / rank)"),
@@ -151,18 +160,24 @@ def train(
     `on_step(step, loss)` is called after every optimizer step; raising KeyboardInterrupt in it stops
     the run as Ctrl-C does, after saving a checkpoint that `resume=True` continues from.
     """
-    from ..loading import load
-
     check_config(config)
     out = Path(config.adapter_path).expanduser()
-    check_adapter_dir(out, resume=config.resume)
+    check_adapter_dir(out, resume=config.resume)  # before the slow load: fail fast
+    with output_lock(out):  # a second run into the same directory fails at once
+        check_adapter_dir(out, resume=config.resume)
+        return _train(config, out, on_step, quiet)
+
+
+def _train(config: TrainConfig, out: Path, on_step: Callable[[int, float], None] | None, quiet: bool) -> TrainResult:
+    from ..loading import load
+
     progress = Progress(config.iters, quiet=quiet)
     model, tokenizer = load(config.model, quantize=config.quantize, dtype=config.dtype)
     saved = load_checkpoint(out) if config.resume else None
     settings = resolve(config, len(model.h), model.config.n_positions, saved[2]["train"] if saved else None)
     spec = LoRASpec(num_layers=settings["num_layers"], keys=tuple(settings["lora_keys"]), rank=config.rank,
                     scale=settings["scale"], dropout=config.dropout, full=config.full)  # fmt: skip
-    check_spec(spec, len(model.h))
+    check_spec(spec, len(model.h), model.config.n_embd)
     data = load_data(config.data, tokenizer, max_seq_length=settings["max_seq_length"], pack=config.pack,
                      on_warning=progress.warn)  # fmt: skip
     mx.random.seed(config.seed)
@@ -188,6 +203,8 @@ def check_adapter_dir(out: Path, *, resume: bool) -> None:
             raise UserError(f"--resume: {out} holds no checkpoint to resume; start without --resume")
     elif has_checkpoint(out):
         raise UserError(f"{out} already holds a training run; pass --resume to continue it, or choose another --adapter-path")
+    elif out.is_dir() and [p.name for p in out.iterdir()] == [METRICS]:
+        (out / METRICS).unlink()  # a run that failed before its first checkpoint: nothing to keep
     elif out.is_dir() and any(out.iterdir()):
         raise UserError(f"--adapter-path {out} is not empty; choose a new or empty directory")
 
@@ -319,6 +336,7 @@ class Trainer:
         self.window: list[tuple[float, int]] = list(map(tuple, state.window))  # (loss, tokens) since the last report
         self.train_time, self.window_time, self.window_tokens, self.run_tokens = 0.0, 0.0, 0, 0
         self.consistent = True  # False while a step is half done: nothing may be saved then
+        self.probe: tuple[mx.array, mx.array, mx.array] | None = None  # the last micro-batch trained on
 
     def run(self) -> TrainResult:
         s = self.settings
@@ -351,8 +369,8 @@ class Trainer:
         for _ in range(self.settings["grad_accum"]):
             batch = next(batches)
             for i in range(0, batch.inputs.shape[0], rows):
-                loss, n_tokens, accumulated = step.gradients(batch.inputs[i : i + rows], batch.targets[i : i + rows],
-                                                             batch.mask[i : i + rows], accumulated)  # fmt: skip
+                self.probe = (batch.inputs[i : i + rows], batch.targets[i : i + rows], batch.mask[i : i + rows])
+                loss, n_tokens, accumulated = step.gradients(*self.probe, accumulated)
                 # Evaluated one micro-batch at a time: queued together, their activations would coexist.
                 mx.eval(accumulated, loss, n_tokens)
                 losses.append(loss)
@@ -363,7 +381,7 @@ class Trainer:
         tokens = int(total_tokens.item())
         loss = sum(v.item() for v in losses) / max(tokens, 1)
         if not math.isfinite(loss):
-            self.diverged(loss)
+            self.diverged(f"the training loss became {loss} at step {self.state.step + 1}")
         elapsed = time.perf_counter() - tic
         self.state.step += 1
         self.state.batches_seen += self.settings["grad_accum"]
@@ -415,7 +433,21 @@ class Trainer:
         self.progress.validation(record)
         self.val_losses.append((self.state.step, loss))
 
+    def check_savable(self) -> None:
+        """A checkpoint is written only if every weight it holds is finite and so is the loss they give
+        (weights of 3e30 are finite, but their logits are not)."""
+        weights = trainable_weights(self.model)
+        bad = nonfinite(weights)
+        if bad:
+            self.diverged(f"after step {self.state.step} {len(bad)} trained weight(s) hold NaN or infinity ({bad[0]}, ...)")
+        if self.probe is not None:
+            self.model.eval()
+            loss = loss_fn(self.model, *self.probe)[0].item()
+            if not math.isfinite(loss):
+                self.diverged(f"the weights after step {self.state.step} give a loss of {loss}")
+
     def save(self) -> None:
+        self.check_savable()
         self.state.window = [list(w) for w in self.window]
         save_checkpoint(self.out, adapters=trainable_weights(self.model), optimizer_state=self.optimizer.state,
                         adapter_config=self.adapter_config, state=self.state)  # fmt: skip
@@ -429,13 +461,11 @@ class Trainer:
         else:
             self.progress.info("stopped mid-step; the last checkpoint saved is kept")
 
-    def diverged(self, loss: float) -> None:
+    def diverged(self, what: str) -> None:
         last = checkpoint_step(self.out)
         kept = f"the checkpoint of step {last} in {self.out} is kept" if last is not None else "no checkpoint was saved"
-        raise UserError(
-            f"the training loss became {loss} at step {self.state.step + 1}; stopped ({kept}); "
-            "lower --learning-rate or keep --grad-clip on"
-        )
+        self.consistent = False  # nothing of this run may be saved now, not even on Ctrl-C
+        raise UserError(f"training diverged: {what}; stopped ({kept}); lower --learning-rate or keep --grad-clip on")
 
     def result(self) -> TrainResult:
         return TrainResult(self.out, self.state.step, self.losses, self.val_losses,
