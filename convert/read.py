@@ -59,7 +59,7 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
 
-def check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path) -> dict[str, Any]:
     """Read and check a safetensors header before MLX sees the file.
 
     Every tensor's bytes must lie inside the file, match its shape and dtype exactly, and overlap no
@@ -85,6 +85,7 @@ def check_safetensors(path: Path) -> None:
     for (begin, end, name), (next_begin, _, next_name) in zip(spans, spans[1:]):
         if next_begin < end:
             raise CheckpointError(f"{path}: tensors {name} and {next_name} overlap in the file; it is corrupt, re-download it")
+    return header
 
 
 def _tensor_span(path: Path, name: str, entry: Any, data_size: int) -> tuple[int, int]:
@@ -104,6 +105,30 @@ def _tensor_span(path: Path, name: str, entry: Any, data_size: int) -> tuple[int
     return begin, end
 
 
+# safetensors dtypes numpy can view (bfloat16 travels as its uint16 bits).
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+                 "I8": "i1", "U8": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8", "BOOL": "?"}  # fmt: skip
+
+
+def _read_safetensors_as_float32(path: Path, header: dict[str, Any]) -> dict[str, mx.array]:
+    """A safetensors file holding float64 tensors, read tensor by tensor with numpy; float64 becomes float32."""
+    start = 8 + int.from_bytes(path.open("rb").read(8), "little")
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] not in _NUMPY_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} is {entry['dtype']}, which cannot be read beside float64 ones")
+        begin = entry["data_offsets"][0]
+        data = np.fromfile(path, dtype=_NUMPY_DTYPES[entry["dtype"]], count=math.prod(entry["shape"]), offset=start + begin)
+        data = data.reshape(entry["shape"])
+        if entry["dtype"] == "F64":
+            data = data.astype(np.float32)
+        tensors[name] = mx.view(mx.array(data), mx.bfloat16) if entry["dtype"] == "BF16" else mx.array(data)
+    warnings.warn(f"{path} stores tensors in float64; they are read as float32")
+    return tensors
+
+
 def _at_most_float32(tensors: dict[str, mx.array], directory: Path) -> dict[str, mx.array]:
     """float64 weights as float32: MLX computes in float32 at most (float64 only on the CPU, slowly)."""
     wide = [name for name, t in tensors.items() if t.dtype == mx.float64]
@@ -113,7 +138,9 @@ def _at_most_float32(tensors: dict[str, mx.array], directory: Path) -> dict[str,
 
 
 def read_safetensors(path: Path) -> dict[str, mx.array]:
-    check_safetensors(path)
+    header = check_safetensors(path)
+    if any(isinstance(e, dict) and e.get("dtype") == "F64" for e in header.values()):
+        return _read_safetensors_as_float32(path, header)  # MLX's reader has no float64
     try:
         return mx.load(str(path), format="safetensors")
     except (RuntimeError, ValueError) as error:

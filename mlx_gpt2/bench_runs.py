@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import resource
 import shutil
 import sys
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import UserError
 
 # Real GPT-2 shapes; the weights are random (speed does not depend on their values).
 SHAPES = {
@@ -47,12 +45,10 @@ SEED = 0
 
 
 def tokenizer_dir() -> Path:
-    """GPT-2's vocab.json + merges.txt: $MLX_GPT2_TOKENIZER_DIR, or the repository's ../shared copy."""
-    env = os.environ.get("MLX_GPT2_TOKENIZER_DIR")
-    directory = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "gpt2-tokenizer"
-    if not (directory / "vocab.json").is_file():
-        raise UserError(f"no GPT-2 vocab.json in {directory}; set MLX_GPT2_TOKENIZER_DIR or pass --model DIR")
-    return directory
+    """GPT-2's vocab.json + merges.txt, as shipped in the package."""
+    from .tokenizer import BUNDLED_DIR
+
+    return BUNDLED_DIR
 
 
 def make_source(shape: str, directory: Path) -> Path:

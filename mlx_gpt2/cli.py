@@ -57,6 +57,13 @@ class Group(typer.core.TyperGroup):
     (an unknown option or command, a value of the wrong type), `interrupted` and exit 130 for Ctrl-C.
     """
 
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:  # typer would exit 130 without a word
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

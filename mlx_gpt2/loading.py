@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 from .backend import default_dtype, prepare
 from .convert import read_model_dir, resolve_source
 from .convert.convert import parse_dtype, read_tokenizer
-from .convert.weights import check_finite
+from .convert.weights import check_finite, dtype_name
 from .errors import CheckpointError
 from .lora.layers import load_adapters, read_adapter_config
 from .model import GPT2
@@ -45,7 +45,7 @@ def check_dtypes(model: GPT2, weights: dict[str, mx.array]) -> None:
             continue  # load_weights names what is missing
         packed = expected.dtype == mx.uint32
         if (stored.dtype == mx.uint32) != packed or not (packed or mx.issubdtype(stored.dtype, mx.floating)):
-            wrong.append(f"{name} is {stored.dtype}, expected {'uint32' if packed else 'floating point'}")
+            wrong.append(f"{name} is {dtype_name(stored.dtype)}, expected {'uint32' if packed else 'floating point'}")
     if wrong:
         raise CheckpointError(f"weights of the wrong type: {'; '.join(wrong[:4])}{'; ...' if len(wrong) > 4 else ''}; re-convert the model")
 

@@ -6,7 +6,6 @@ weight tree has the shape of the call graph. Every rename and transpose lives in
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Sequence
 

@@ -134,8 +134,8 @@ def check_prefix(cached: list[int], prompt: list[int]) -> None:
             f"use the prompt cache made for this text, or make a new one with `mlx-gpt2 cache-prompt`"
         )
     raise UserError(
-        f"the prompt's last cached token differs from the cached prefix's: the seam between cached and new "
-        f"text tokenizes differently; end the cached text before a space, not after one"
+        "the prompt's last cached token differs from the cached prefix's: the seam between cached and new "
+        "text tokenizes differently; end the cached text before a space, not after one"
     )
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoints import SMALL_CONFIG, TOKENIZER_DIR, copy_tokenizer, make_hf_model, write_checkpoint
+from checkpoints import TOKENIZER_DIR, copy_tokenizer, make_hf_model, write_checkpoint
 
 # A wider init than GPT-2's 0.02 makes the next-token distribution peaked, so greedy choices are not
 # near-ties that float rounding could flip; the numerics under test are the same.

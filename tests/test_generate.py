@@ -182,3 +182,45 @@ def test_repetition_penalty_matches_transformers():
     ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor(seen[None]), torch.tensor(logits)).numpy()
     ours = np.array(make_repetition_penalty(1.3)(mx.array(seen), mx.array(logits)))
     assert np.abs(ours - ref).max() < 1e-6
+
+
+def _warped_probs(logits: np.ndarray, temp: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """transformers' warpers in generate()'s order (temperature, top-k, top-p, min-p), as probabilities."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
+
+    scores = torch.tensor(logits[None])
+    warpers = [TemperatureLogitsWarper(temp)]
+    warpers += [TopKLogitsWarper(top_k)] if top_k else []
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    warpers += [MinPLogitsWarper(min_p)] if min_p else []
+    for warp in warpers:
+        scores = warp(None, scores)
+    return torch.softmax(scores, dim=-1)[0].double().numpy()
+
+
+CHAINS = [  # each chain's filters interact: top-p after top-k, min-p after top-p, ...
+    dict(temp=0.7, top_k=3, top_p=0.7, min_p=0.0),
+    dict(temp=1.3, top_k=0, top_p=0.9, min_p=0.05),
+    dict(temp=1.0, top_k=12, top_p=1.0, min_p=0.2),
+    dict(temp=0.8, top_k=20, top_p=0.6, min_p=0.1),
+    dict(temp=2.0, top_k=8, top_p=0.95, min_p=0.0),
+]
+
+
+@pytest.mark.parametrize("chain", CHAINS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_sampling_chains_draw_from_transformers_warped_distribution(chain):
+    """200,000 draws: tokens the warpers drop are never drawn, the rest follow their probabilities (chi-square)."""
+    logits = (np.random.default_rng(1).normal(size=64) * 1.5).astype(np.float32)
+    expected = _warped_probs(logits, **chain)
+    mx.random.seed(0)
+    n = 200_000
+    lp = mx.broadcast_to(_logprobs(logits.tolist()), (n, logits.size))
+    counts = np.bincount(np.array(make_sampler(**chain)(lp)), minlength=logits.size)
+    kept = expected > 0
+    assert counts[~kept].sum() == 0, f"drew tokens transformers drops: {np.nonzero(counts * ~kept)[0].tolist()}"
+    chi2 = (((counts - n * expected) ** 2)[kept] / (n * expected[kept])).sum()
+    dof = kept.sum() - 1
+    print(f"{chain}: {kept.sum()} tokens kept, chi-square {chi2:.1f} for {dof} degrees of freedom")
+    assert chi2 < dof + 8 * np.sqrt(2 * dof) + 10  # far beyond this is a wrong distribution, not chance

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -17,8 +16,7 @@ from pydoc_data.topics import topics
 from mlx_gpt2.errors import UserError
 from mlx_gpt2.tokenizer import ENDOFTEXT, MERGES_HEADER, Tokenizer, bytes_to_token, bytes_to_unicode
 
-SHARED_BPE_DIR = Path(__file__).parents[2] / "shared" / "gpt2-tokenizer"
-BPE_DIR = Path(os.environ.get("MLX_GPT2_TOKENIZER_DIR") or SHARED_BPE_DIR)
+from checkpoints import TOKENIZER_DIR as BPE_DIR  # the BPE files shipped in the package
 # tiktoken caches its downloads under the sha1 of these URLs (tiktoken/load.py: read_file_cached).
 TIKTOKEN_URLS = {
     "merges.txt": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
@@ -56,8 +54,7 @@ HARD_CASES = {
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model directory holding the real vocab.json and merges.txt, as a Hub snapshot does."""
-    if not (BPE_DIR / "vocab.json").is_file():
-        pytest.skip(f"GPT-2 BPE files not found in {BPE_DIR}; set MLX_GPT2_TOKENIZER_DIR")
+    assert (BPE_DIR / "vocab.json").is_file(), f"GPT-2 BPE files not found in {BPE_DIR}"
     directory = tmp_path_factory.mktemp("gpt2")
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(BPE_DIR / name, directory / name)

@@ -29,7 +29,7 @@ import tiktoken
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-TOKENIZER_DIR = Path(os.environ.get("MLX_GPT2_TOKENIZER_DIR") or Path(__file__).resolve().parents[3] / "shared" / "gpt2-tokenizer")
+from mlx_gpt2.tokenizer import BUNDLED_DIR as TOKENIZER_DIR  # GPT-2's BPE files, shipped in the package
 HELD_OUT = 0.1  # the last 10% of the corpus is never trained on
 
 
@@ -64,8 +64,8 @@ def with_tokenizer(model_dir: Path) -> Path:
 
 
 def encode(text: str) -> np.ndarray:
-    # tiktoken's gpt2 ids equal transformers' GPT-2 tokenizer's (NOTES.md); no network: its files are
-    # cached per ../shared/gpt2-tokenizer/README.md, or we fall back to our own offline tokenizer.
+    # tiktoken's gpt2 ids equal transformers' GPT-2 tokenizer's; offline, its download cache is usually
+    # empty, and our own tokenizer (the same ids) reads the BPE files shipped in the package.
     try:
         ids = tiktoken.get_encoding("gpt2").encode(text, allowed_special=set())
     except Exception:
