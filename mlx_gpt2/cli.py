@@ -110,12 +110,28 @@ class Group(typer.core.TyperGroup):
         return result if isinstance(result, int) else 0
 
 
+class PanelCommand(typer.core.TyperCommand):
+    """Plain help that reads at 80 columns: options grouped under their panel (`rich_help_panel=`), each
+    name in full, help wrapped beside it, and no markup to swallow text such as `mlx-gpt2[viz]`."""
+
+    def format_options(self, ctx, formatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                default = "Arguments" if param.param_type_name == "argument" else "Options"
+                sections.setdefault(getattr(param, "rich_help_panel", None) or default, []).append(record)
+        for title, records in sections.items():
+            with formatter.section(title):
+                formatter.write_dl(records, col_max=28)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     typer.echo(f"warning: {message}", err=True)  # one line, without warnings' file:line prefix
 
 
 app = typer.Typer(
-    cls=Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    cls=Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     help="GPT-2 in MLX: convert, generate, quantize, fine-tune and inspect.",
 )
 F = TypeVar("F", bound=Callable)
@@ -141,9 +157,27 @@ def read_stdin(what: str) -> str:
         raise UserError(f"{what} -: stdin is not UTF-8 text (byte {e.start} is invalid); convert it first") from None
 
 
-def read_prompt(value: str, *, what: str = "--prompt") -> str:
-    """`value`, or stdin when it is '-'."""
-    return read_stdin(what) if value == "-" else value
+def read_prompt(value: str | None, *, what: str = "--prompt", file: Path | None = None) -> str:
+    """The prompt a command was given: `value`; stdin for '-', with one trailing newline dropped (the one
+    `echo` adds, which would otherwise be a token of the prompt); or the exact text of `file` ('-': stdin)."""
+    if (value is None) == (file is None):
+        raise UserError(f"give the prompt with {what} TEXT or with {what}-file FILE (one of them)")
+    if file is not None:
+        return read_stdin(f"{what}-file") if str(file) == "-" else read_text_file(file, what=f"{what}-file")
+    if value != "-":
+        return value
+    text = read_stdin(what)
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def read_text_file(path: Path, *, what: str) -> str:
+    """A UTF-8 text file, exactly; a missing or undecodable one is a one-line UserError."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise UserError(f"{what} {path} is not a readable file; pass a UTF-8 text file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start} is invalid); convert it first") from None
 
 
 def parse_logit_bias(items: list[str]) -> dict[int, float] | None:
@@ -162,11 +196,12 @@ def parse_logit_bias(items: list[str]) -> dict[int, float] | None:
 ModelOpt = typer.Option("gpt2", "--model", "-m", help="Hub repo id, Hub-format directory, or converted directory.")
 
 
-@app.command()
+@app.command(cls=PanelCommand)
 @user_errors
 def generate(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt; '-' reads it from stdin."),
-    model: str = ModelOpt,
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt; '-' reads stdin (one trailing newline dropped)."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt exactly from FILE ('-': stdin)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub repo id or directory (default: gpt2, or the base of --adapter-path)."),
     max_tokens: int = typer.Option(100, "--max-tokens", "-n", help="How many tokens to generate at most."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0: off)."),
@@ -192,9 +227,11 @@ def generate(
     """Generate text from a prompt, streamed to stdout."""
     from . import load, stream_generate
 
-    text = read_prompt(prompt)
+    from .lora.layers import recorded_base
+
+    text = read_prompt(prompt, file=prompt_file)
     bias = parse_logit_bias(logit_bias)
-    lm, tokenizer = load(model, revision=revision, dtype=dtype, adapter_path=adapter_path)
+    lm, tokenizer = load(recorded_base(model, adapter_path), revision=revision, dtype=dtype, adapter_path=adapter_path)
     if num_beams != 1 or length_penalty is not None or early_stopping:
         return _generate_beams(
             lm, tokenizer, text, num_beams, max_tokens, length_penalty, early_stopping, ignore_eos,
@@ -248,7 +285,7 @@ def _generate_beams(
     ))
 
 
-@app.command()
+@app.command(cls=PanelCommand)
 @user_errors
 def convert(
     source: str = typer.Argument(..., help="Hub repo id (gpt2, openai-community/gpt2-medium, ...) or local directory."),

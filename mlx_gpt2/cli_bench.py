@@ -11,17 +11,18 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the main app."""
-    from .cli import user_errors
+    from .cli import PanelCommand, user_errors
 
-    app.command("cache-prompt")(user_errors(cache_prompt_command))
-    app.command("bench")(user_errors(bench_command))
-    app.command("doctor")(user_errors(doctor_command))
-    app.command("with-openblas", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    app.command("cache-prompt", cls=PanelCommand)(user_errors(cache_prompt_command))
+    app.command("bench", cls=PanelCommand)(user_errors(bench_command))
+    app.command("doctor", cls=PanelCommand)(user_errors(doctor_command))
+    app.command("with-openblas", cls=PanelCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
                 add_help_option=False)(with_openblas_command)
 
 
 def cache_prompt_command(
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The prefix to cache; '-' reads it from stdin."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prefix to cache; '-' reads stdin (one trailing newline dropped)."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prefix exactly from FILE ('-': stdin)."),
     out: Path = typer.Option(..., "--out", "-o", help="The cache file to write (safetensors)."),
     model: str = typer.Option("gpt2", "--model", "-m", help="Hub repo id, Hub-format directory, or converted directory."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Compute dtype: float32, float16 or bfloat16."),
@@ -36,7 +37,7 @@ def cache_prompt_command(
     from .prompt_cache import cache_prompt
 
     check_output(out, force=force, kind="file")  # before the load: fail fast
-    text = read_prompt(prompt)
+    text = read_prompt(prompt, file=prompt_file)
     with claim_output(out, force=force, inputs=[resolve_source(model, revision=revision)], kind="file") as path:
         lm, tokenizer = load(model, revision=revision, dtype=dtype)
         n = cache_prompt(lm, tokenizer, text, path)

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 inspect_app = typer.Typer(
-    no_args_is_help=True, help="Look inside the model: attention, logit lens, next tokens, embeddings."
+    no_args_is_help=True, rich_markup_mode=None,
+    help="Look inside the model: attention, logit lens, next tokens, embeddings.",
 )
 
 
@@ -32,9 +33,9 @@ def register(app: typer.Typer) -> None:
 
 
 # Imported after `register` exists: importing this module first runs cli.py, which calls `register` on it.
-from .cli import ModelOpt, user_errors  # noqa: E402
+from .cli import ModelOpt, PanelCommand, user_errors  # noqa: E402
 
-TextArg = typer.Argument(..., help="The text to look at; '-' reads it from stdin.")
+TextArg = typer.Argument(..., help="The text to look at; '-' reads stdin (one trailing newline dropped).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON (shape documented in the README) instead of a table.")
 PngOpt = typer.Option(None, "--png", help="Also draw a picture into this PNG file (needs mlx-gpt2[viz]).")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing --png file.")
@@ -115,7 +116,7 @@ def _heads_table(t: Trace, layer: int) -> str:
     return title + "\n" + _table(["#", "token", *(f"head {h}" for h in range(t.n_head))], rows)
 
 
-@inspect_app.command()
+@inspect_app.command(cls=PanelCommand)
 @user_errors
 def attention(
     text: str = TextArg,
@@ -167,7 +168,7 @@ def _lens_table(lens: LogitLens) -> str:
     return title + "\n" + _table(["blocks", "", *(_show(token, 12) for token in lens.tokens)], rows)
 
 
-@inspect_app.command("logit-lens")
+@inspect_app.command("logit-lens", cls=PanelCommand)
 @user_errors
 def logit_lens(
     text: str = TextArg,
@@ -193,7 +194,7 @@ def logit_lens(
         _save(logit_lens_figure(lens), png, force)
 
 
-@inspect_app.command("next")
+@inspect_app.command("next", cls=PanelCommand)
 @user_errors
 def next_token(
     text: str = TextArg,
@@ -239,7 +240,7 @@ def _embeddings_table(t: Trace, lm: GPT2) -> str:
     return title + "\n" + _table(["#", "token", "id", "|token|", "|position|", "|sum|", "sum[:4]"], rows)
 
 
-@inspect_app.command()
+@inspect_app.command(cls=PanelCommand)
 @user_errors
 def embeddings(
     text: str = TextArg,

@@ -10,10 +10,10 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the main app."""
-    from .cli import user_errors
+    from .cli import PanelCommand, user_errors
 
-    app.command("lora")(user_errors(lora_command))
-    app.command("fuse")(user_errors(fuse_command))
+    app.command("lora", cls=PanelCommand)(user_errors(lora_command))
+    app.command("fuse", cls=PanelCommand)(user_errors(fuse_command))
 
 
 def lora_command(
@@ -77,7 +77,8 @@ def _keys(text: Optional[str]) -> tuple[str, ...]:
 def fuse_command(
     adapter_path: Path = typer.Option(..., "--adapter-path", help="Adapters saved by `mlx-gpt2 lora`."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
-    model: str = typer.Option("gpt2", "--model", "-m", help="The base model the adapters were trained on."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The base model (default: the one the adapters were trained on)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the base's own)."),
     dequantize: bool = typer.Option(False, "--dequantize", help="Write float weights even if the base is quantized."),
     export_hf: bool = typer.Option(False, "--export-hf", help="Write a transformers GPT2LMHeadModel checkpoint (float)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
@@ -85,5 +86,5 @@ def fuse_command(
     """Merge LoRA adapters into the base weights: an MLX model, or with --export-hf a transformers one."""
     from .lora import fuse
 
-    path = fuse(model, adapter_path, out, dequantize=dequantize, export_hf=export_hf, force=force)
+    path = fuse(model, adapter_path, out, dequantize=dequantize, export_hf=export_hf, force=force, dtype=dtype)
     typer.echo(f"wrote {path}")

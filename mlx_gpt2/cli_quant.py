@@ -10,9 +10,9 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the main app."""
-    from .cli import user_errors
+    from .cli import PanelCommand, user_errors
 
-    app.command("perplexity")(user_errors(perplexity_command))
+    app.command("perplexity", cls=PanelCommand)(user_errors(perplexity_command))
 
 
 def perplexity_command(
@@ -25,20 +25,11 @@ def perplexity_command(
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
 ) -> None:
     """Strided perplexity of a model on a text file: each token scored once, with up to context - stride tokens of left context."""
-    from .cli import read_stdin
-    from .errors import UserError
+    from .cli import read_stdin, read_text_file
     from .loading import load
     from .perplexity import perplexity
 
-    if str(file) == "-":
-        text = read_stdin("--file")
-    else:
-        try:
-            text = file.read_text(encoding="utf-8")
-        except (FileNotFoundError, IsADirectoryError):
-            raise UserError(f"{file} is not a readable file; pass a UTF-8 text file with --file") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{file} is not UTF-8 text") from None
+    text = read_stdin("--file") if str(file) == "-" else read_text_file(file, what="--file")
     lm, tokenizer = load(model, revision=revision, dtype=dtype)
     result = perplexity(lm, tokenizer, text, context=context, stride=stride, batch_size=batch_size)
     typer.echo(

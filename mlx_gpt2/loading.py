@@ -12,7 +12,7 @@ from .convert import read_model_dir, resolve_source
 from .convert.convert import parse_dtype, read_tokenizer
 from .convert.weights import check_finite, dtype_name
 from .errors import CheckpointError
-from .lora.layers import load_adapters, read_adapter_config
+from .lora.layers import check_base, load_adapters, read_adapter_config
 from .model import GPT2
 from .quantize import QuantizeConfig, apply_saved_quantization, quantize_model, saved_quantization
 from .tokenizer import Tokenizer
@@ -89,6 +89,7 @@ def load(
     if spec is not None:
         quantize_model(model, spec)
     if adapter_path is not None:
+        check_base(model, adapter_path, given=str(path_or_repo))
         load_adapters(model, adapter_path)
     prepare(model, layout=layout, evaluate=not lazy or verify)  # the weight layout fastest on this backend
     if not lazy:

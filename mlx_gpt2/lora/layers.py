@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,44 @@ def read_adapter_config(adapter_path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict) or not isinstance(raw.get("lora"), dict):
         raise UserError(f"{path} has no \"lora\" section; it was not written by `mlx-gpt2 lora`")
     return raw
+
+
+def recorded_base(model: str | Path | None, adapter_path: str | Path | None) -> str:
+    """`model` if given; else the base model the adapters in `adapter_path` were trained on; else "gpt2".
+
+    `mlx-gpt2 lora` records its `--model` (a repo id, or a directory as an absolute path) in
+    adapter_config.json, so `generate --adapter-path A` and `fuse --adapter-path A` need no `--model`.
+    """
+    if model is not None:
+        return str(model)
+    if adapter_path is None:
+        return "gpt2"
+    base = read_adapter_config(adapter_path).get("base_model")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{Path(adapter_path) / ADAPTER_CONFIG} records no base model; pass --model")
+    if base.startswith(("/", "~", ".")) and not Path(base).expanduser().is_dir():
+        raise UserError(f"the adapters in {adapter_path} were trained on {base}, which is not there any more; pass --model")
+    return base
+
+
+def base_of_record(model: str) -> str:
+    """What adapter_config.json records as the base: a repo id as given, a local directory as an absolute path."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
+def check_base(model: nn.Module, adapter_path: str | Path, given: str) -> None:
+    """Warn when `model` is not the base the adapters were trained on: shapes that fit prove nothing, so the
+    weights' fingerprint (as prompt caches use) is compared with the one training recorded."""
+    from ..prompt_cache import model_fingerprint
+
+    recorded = read_adapter_config(adapter_path)
+    expected = recorded.get("base_fingerprint")
+    if isinstance(expected, str) and model_fingerprint(model) != expected:
+        warnings.warn(
+            f"the adapters in {adapter_path} were trained on {recorded.get('base_model')}, and {given} is another "
+            f"model (its weights' fingerprint differs); the output may be meaningless"
+        )
 
 
 def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:

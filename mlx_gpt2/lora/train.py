@@ -33,7 +33,8 @@ from .checkpoint import (
     truncate_metrics,
 )
 from .data import Batch, Data, iterate_train, iterate_valid, load_data
-from .layers import LORA_KEYS, LoRASpec, apply_lora, check_adapter_weights, check_spec, trainable_weights
+from ..prompt_cache import model_fingerprint
+from .layers import LORA_KEYS, LoRASpec, apply_lora, base_of_record, check_adapter_weights, check_spec, trainable_weights
 from .loss import head_is_trainable, loss_fn
 from .progress import Progress
 
@@ -180,11 +181,13 @@ def _train(config: TrainConfig, out: Path, on_step: Callable[[int, float], None]
     check_spec(spec, len(model.h), model.config.n_embd)
     data = load_data(config.data, tokenizer, max_seq_length=settings["max_seq_length"], pack=config.pack,
                      on_warning=progress.warn)  # fmt: skip
+    base_fingerprint = model_fingerprint(model)  # before LoRA: `generate`/`fuse` compare their base with it
     mx.random.seed(config.seed)
     apply_lora(model, spec)
     optimizer = make_optimizer(settings, config.iters)
     optimizer.init(model.trainable_parameters())
-    adapter_config = {"format_version": FORMAT_VERSION, "base_model": str(config.model), "lora": spec.to_dict(),
+    adapter_config = {"format_version": FORMAT_VERSION, "base_model": base_of_record(config.model),
+                      "base_fingerprint": base_fingerprint, "lora": spec.to_dict(),
                       "quantize": settings["quantize"], "train": settings}  # fmt: skip
     state = TrainState(rng=rng_key(), data_fingerprint=data.fingerprint())
     if saved is not None:
