@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 
@@ -98,11 +99,13 @@ def convert(
     revision: str | None = None,
     force: bool = False,
     quantize: QuantizeConfig | dict | bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Convert a GPT-2 checkpoint (Hub repo id or local directory) into an MLX directory at `out`.
 
     `dtype` is float32, float16 or bfloat16; None keeps the checkpoint's own dtype. `quantize` (True, a
-    dict or a QuantizeConfig, see mlx_gpt2.quantize) writes a quantized model, its settings in config.json.
+    dict or a QuantizeConfig, see mlx_gpt2.quantize) writes a quantized model, its settings in config.json;
+    `progress(layers done, layers)` follows the quantization.
     """
     check_output(out, force=force)  # before any download: fail fast
     spec = QuantizeConfig.coerce(quantize)
@@ -117,7 +120,7 @@ def convert(
         new_config = {**raw_config, **config.to_dict()}
         new_config["mlx_gpt2"] = {"format_version": FORMAT_VERSION, "source": str(source), "revision": revision}
         if spec is not None:
-            weights, new_config["quantization"], summary = quantize_weights(config, raw_config, weights, spec)
+            weights, new_config["quantization"], summary = quantize_weights(config, raw_config, weights, spec, progress)
             new_config["quantization_config"] = new_config["quantization"]  # mlx-lm mirrors it there too
             new_config["mlx_gpt2"]["quantization"] = summary
         write_model_dir(out, weights, new_config, tokenizer, force=force)

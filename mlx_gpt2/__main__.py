@@ -9,6 +9,9 @@ import sys
 
 def main() -> None:
     try:
+        from .blas import prefer_openblas
+
+        prefer_openblas(sys.argv[1:])  # on Linux's CPU wheel: re-executes with a checked OpenBLAS, or returns
         from .cli import app
 
         app()

@@ -40,6 +40,7 @@ class BenchOptions:
     work_dir: Path = Path("~/.cache/mlx-gpt2/bench")
     isolate: bool = True  # each measurement in a fresh process
     source: Path | None = None  # a Hub-format checkpoint to use instead of random weights (one shape)
+    smoke_run: bool = False  # `bench --quick`: a tiny model; its numbers only show that everything runs
 
     def __post_init__(self) -> None:
         if self.source is None:
@@ -57,11 +58,19 @@ class BenchOptions:
             raise UserError("--prompt-tokens + --gen-tokens must fit GPT-2's 1024-position window")
 
     @classmethod
-    def quick(cls, work_dir: Path, **overrides) -> BenchOptions:
-        """Seconds, not minutes: a 2-layer model, a short prompt, one run, in this process."""
-        base = dict(shapes=("tiny",), dtypes=("float32",), engines=("mlx-gpt2", "mlx-lm"), runs=1,
-                    prompt_tokens=16, gen_tokens=8, batch_prompt_tokens=8, work_dir=work_dir, isolate=False)
-        return cls(**{**base, **overrides})
+    def smoke(cls, work_dir: Path, **given) -> BenchOptions:
+        """`bench --quick`: seconds, not minutes (a 2-layer model, 16 + 8 tokens, one run, in this process).
+
+        It checks that every engine runs; it measures nothing the headline ratios mean, so it takes only the
+        engines to run, and refuses options it would otherwise ignore.
+        """
+        ignored = sorted(k for k in given if k != "engines")
+        if ignored:
+            names = ", ".join("--" + ("model" if k == "source" else "batch" if k == "batches" else k.replace("_", "-")) for k in ignored)
+            raise UserError(f"--quick is a fixed smoke run and would ignore {names}; drop them, or drop --quick to measure")
+        engines = tuple(e for e in given.get("engines", ("mlx-gpt2", "mlx-lm")) if e != "transformers")
+        return cls(shapes=("tiny",), dtypes=("float32",), engines=engines or ("mlx-gpt2",), runs=1, prompt_tokens=16,
+                   gen_tokens=8, batch_prompt_tokens=8, work_dir=work_dir, isolate=False, smoke_run=True)
 
 
 def _check_choices(option: str, values: tuple[str, ...], allowed) -> None:
@@ -137,7 +146,13 @@ def benchmark(options: BenchOptions, log: Callable[[str], None] = print) -> dict
     from .doctor import machine_info
 
     record = {"machine": machine_info(), "options": _jsonable(options), "runs": [], "conversions": [],
-              "pending": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "pending": [], "notes": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    reason = mlx_lm_cannot_read(options.source) if options.source and "mlx-lm" in options.engines else None
+    if reason:
+        options = dataclasses.replace(options, engines=tuple(e for e in options.engines if e != "mlx-lm"))
+        note = f"mlx-lm cannot read {options.source}: {reason}; benchmarking {', '.join(options.engines)} only"
+        record["notes"].append(note)
+        log(note)
     for shape in options.shapes:
         for dtype in options.dtypes:
             dirs, conversions = _directories(shape, dtype, options, log)
@@ -151,6 +166,18 @@ def benchmark(options: BenchOptions, log: Callable[[str], None] = print) -> dict
     record["machine"]["loadavg_end"] = _loadavg()
     record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return record
+
+
+def mlx_lm_cannot_read(directory: Path) -> str | None:
+    """Why mlx-lm's GPT-2 cannot load this Hub-format checkpoint, or None if it can (mlx-lm 0.32)."""
+    from .config import read_config_json
+    from .convert.read import read_tensors
+
+    if "n_ctx" not in read_config_json(Path(directory) / "config.json"):
+        return "its config.json has no n_ctx, which mlx-lm's GPT-2 requires (transformers' save_pretrained leaves it out)"
+    if any(name.startswith("transformer.") for name in read_tensors(Path(directory))):  # headers only: lazy
+        return "its tensors are named transformer.* (transformers' save_pretrained layout), which mlx-lm does not strip"
+    return None
 
 
 def _runs(shape: str, dtype: str, batch: int, engines: list[str], dirs: dict, options: BenchOptions,
@@ -249,9 +276,15 @@ def _fmt(stat: dict | None, digits: int = 2, suffix: str = "") -> str:
     return f"{m:.{digits}f}{suffix} ({lo:.{digits}f}–{hi:.{digits}f})"
 
 
+SMOKE_NOTE = ("SMOKE RUN (bench --quick): a 2-layer model, 16 + 8 tokens, one run in one process. It shows that "
+              "every engine runs; its speed, memory and load numbers mean nothing. Run without --quick to measure.")
+
+
 def markdown(record: dict) -> str:
     """The tables of RESULTS.md: absolute numbers per engine, ratios, conversion times."""
-    lines = ["| shape | dtype | batch | engine | runs | load s | prefill tok/s | prefill CPU s | decode tok/s | decode CPU ms/tok | peak MLX GB | peak RSS GB |",
+    smoke = [SMOKE_NOTE, ""] if record.get("options", {}).get("smoke_run") else []
+    notes = [*smoke, *(f"Note: {n}" for n in record.get("notes", [])), *([""] if record.get("notes") else [])]
+    lines = [*notes, "| shape | dtype | batch | engine | runs | load s | prefill tok/s | prefill CPU s | decode tok/s | decode CPU ms/tok | peak MLX GB | peak RSS GB |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in summarize(record):
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['batch']} | {r['engine']} | {r['n']} | {_fmt(r['load_s'])} | "

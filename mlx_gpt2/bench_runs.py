@@ -11,13 +11,16 @@ mlx-lm, transformers and torch are imported only here, only when asked for; the 
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import json
 import resource
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import mlx.core as mx
 
@@ -90,9 +93,24 @@ def convert(engine: str, source: Path, out: Path, dtype: str) -> float:
 
         skip = {"model.wte", "model.wpe"}  # 4bit-fe: both embeddings in float, as ours keeps them
         predicate = (lambda path, *_: path not in skip) if keep_embeddings else None
-        theirs(str(source), str(out), dtype=float_dtype, quantize=bool(bits), q_bits=bits,
-               q_group_size=GROUP_SIZE if bits else None, quant_predicate=predicate)
+        with quietly():  # mlx-lm prints [INFO] lines; the bench's own output is its tables
+            theirs(str(source), str(out), dtype=float_dtype, quantize=bool(bits), q_bits=bits,
+                   q_group_size=GROUP_SIZE if bits else None, quant_predicate=predicate)
     return time.perf_counter() - tic
+
+
+@contextlib.contextmanager
+def quietly() -> Iterator[None]:
+    """Swallow what a peer library prints or logs (mlx-lm's [INFO] lines) while it loads or converts."""
+    import logging
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def prompt_ids(length: int, batch: int = 1) -> list[list[int]]:
@@ -147,7 +165,8 @@ def run_mlx_lm(directory: Path, prompt: list[int], gen_tokens: int) -> tuple[flo
     from mlx_lm.generate import generate_step
 
     tic = time.perf_counter()
-    model, _ = load(str(directory))
+    with quietly():
+        model, _ = load(str(directory))
     mx.eval(model.parameters())
     load_s = time.perf_counter() - tic
     steps = generate_step(mx.array(prompt), model, max_tokens=gen_tokens)

@@ -21,15 +21,9 @@ import mlx.core as mx
 import numpy as np
 
 from .backend import backend_name, default_dtype, prefers_input_major, prefill_step
+from .blas import CHOSEN, HOW_TO_GET_ONE, describe_choice, find_openblas
+from .errors import UserError
 
-# Where Debian/Ubuntu/Fedora put OpenBLAS (`apt-get install libopenblas0-pthread` on Debian/Ubuntu).
-OPENBLAS_CANDIDATES = (
-    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
-    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
-    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
-    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
-    "/usr/lib64/libopenblas.so.0",
-)
 HEAD_SHAPE = (50257, 768)  # gpt2's output head: the largest product of every decoded token
 BLOCK_SHAPE = (3072, 768)  # gpt2's MLP up-projection: the typical product inside a block
 
@@ -125,25 +119,18 @@ def measure(quick: bool = False) -> dict:
     }
 
 
-def find_openblas() -> str | None:
-    """$MLX_GPT2_OPENBLAS if set, else the first system OpenBLAS found (Linux), else None."""
-    if os.environ.get("MLX_GPT2_OPENBLAS"):
-        return os.environ["MLX_GPT2_OPENBLAS"]
-    if platform.system() != "Linux":
-        return None
-    return next((p for p in OPENBLAS_CANDIDATES if Path(p).is_file()), None)
-
-
 def measure_in_subprocess(preload: str | None, quick: bool = False) -> dict:
     """`measure()` in a fresh Python, with `preload` in LD_PRELOAD (or with the BLAS MLX ships)."""
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
+    env.pop(CHOSEN, None)
     if preload:
         env["LD_PRELOAD"] = preload
     args = [sys.executable, "-m", "mlx_gpt2.doctor"] + (["--quick"] if quick else [])
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"measuring with LD_PRELOAD={preload} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    if proc.returncode != 0 or not proc.stdout.strip():
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"MLX did not run with LD_PRELOAD={preload} ({last[:160]}); is it an OpenBLAS for this machine?")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -167,10 +154,15 @@ def report(*, openblas: bool | str = False, quick: bool = False) -> dict:
     info["layout_default"] = "input-major" if prefers_input_major() else "checkpoint"
     info["prefill_step_default"] = prefill_step()
     info["here"] = measure(quick)
+    info["blas_choice"] = describe_choice()
     lib = openblas if isinstance(openblas, str) else find_openblas()
     info["openblas_path"] = lib
-    if openblas and lib and not (info["preloaded"] or "").count(lib):
+    if openblas and "OpenBLAS" in info["here"]["blas"]:  # this process has it: measure the bundled one beside it
+        info["without_openblas"] = measure_in_subprocess(None, quick)
+    elif openblas and lib:
         info["with_openblas"] = measure_in_subprocess(lib, quick)
+    elif openblas:
+        raise UserError(f"no OpenBLAS found to measure; {HOW_TO_GET_ONE.split(' makes')[0]}, or set MLX_GPT2_OPENBLAS=/path")
     return info
 
 

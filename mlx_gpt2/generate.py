@@ -172,6 +172,7 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB, as mx.get_peak_memory reports it
     from_draft: bool = False  # speculative decoding: the draft model proposed this token
+    prompt_cached_tokens: int = 0  # prompt tokens taken from a given cache; prompt_tps counts only the others
 
 
 class _StopFilter:
@@ -240,6 +241,8 @@ def stream_generate(
         mx.random.seed(seed)
     stops = _StopFilter([stop] if isinstance(stop, str) else list(stop or []))
     ids = encode_prompt(tokenizer, prompt)
+    # A given cache saves the prefill of what it holds; the prompt's last token is always computed.
+    cached = min(cache[0].offset, len(ids) - 1) if cache else 0
     detok = tokenizer.detokenizer()
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -259,7 +262,7 @@ def stream_generate(
         )
     for n, (token, logprobs, *drafted) in enumerate(steps, start=1):
         if n == 1:
-            prompt_tps = len(ids) / (time.perf_counter() - tic)
+            prompt_tps = (len(ids) - cached) / (time.perf_counter() - tic)
             tic = time.perf_counter()
         finish = None
         if token == tokenizer.eos_token_id and not ignore_eos:
@@ -272,14 +275,14 @@ def stream_generate(
         elapsed = max(time.perf_counter() - tic, 1e-9)
         yield GenerationResponse(
             text, token, logprobs[token].item(), finish, len(ids), prompt_tps, n, n / elapsed,
-            mx.get_peak_memory() / 1e9, bool(drafted and drafted[0]),
+            mx.get_peak_memory() / 1e9, bool(drafted and drafted[0]), cached,
         )
         if finish:
             return
     if n < max_tokens:  # generate_step ended early: the window filled with on_overflow="stop"
         yield GenerationResponse(
             stops.flush() + detok.finalize(), -1, 0.0, "window", len(ids), prompt_tps, n,
-            n / max(time.perf_counter() - tic, 1e-9), mx.get_peak_memory() / 1e9,
+            n / max(time.perf_counter() - tic, 1e-9), mx.get_peak_memory() / 1e9, prompt_cached_tokens=cached,
         )
 
 

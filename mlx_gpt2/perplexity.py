@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import Callable
 
 import mlx.core as mx
 
@@ -99,9 +100,11 @@ def perplexity(
     context: int | None = None,
     stride: int | None = None,
     batch_size: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PerplexityResult:
     """Strided perplexity of `model` on `text`. `context` defaults to the model's window (1024 for gpt2),
-    `stride` to half the context; `batch_size` windows are evaluated together (same result, more memory)."""
+    `stride` to half the context; `batch_size` windows are evaluated together (same result, more memory).
+    `progress(tokens scored, tokens to score)` is called as the work goes (a progress bar's feed)."""
     context, stride = _check_options(model, context, stride, batch_size)
     ids = check_ids(tokenizer.encode(text), model.config.vocab_size, what="the text")
     if len(ids) < 2:
@@ -112,9 +115,12 @@ def perplexity(
     groups: dict[tuple[int, int], list[Window]] = {}
     for w in plan:  # full windows batch together; the first and the last have their own shapes
         groups.setdefault((w.end - w.begin, w.scored), []).append(w)
+    scored, done = sum(w.scored for w in plan), 0
     for group in groups.values():
         for i in range(0, len(group), batch_size):
             total += _batch_nll(model, token_ids, group[i : i + batch_size]).item()
-    scored = sum(w.scored for w in plan)
+            done += sum(w.scored for w in group[i : i + batch_size])
+            if progress is not None:
+                progress(done, scored)
     nll = total / scored
     return PerplexityResult(math.exp(nll), nll, scored, time.perf_counter() - start, context, stride)

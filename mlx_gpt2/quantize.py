@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -188,11 +188,14 @@ def to_config(layers: dict[str, dict[str, Any] | None], spec: QuantizeConfig) ->
     return entry
 
 
-def quantize_model(model: nn.Module, spec: QuantizeConfig | dict | bool) -> dict[str, Any]:
+def quantize_model(
+    model: nn.Module, spec: QuantizeConfig | dict | bool, *, progress: Callable[[int, int], None] | None = None
+) -> dict[str, Any]:
     """Quantize `model` in place as `spec` says; return its config.json "quantization" entry.
 
     The quantized weights are computed layer by layer, so the float originals are dropped as they go
-    instead of being held all at once.
+    instead of being held all at once. `progress(layers done, layers)` follows them (fitted scales take
+    tens of seconds on gpt2's shape).
     """
     spec = QuantizeConfig.coerce(spec) or QuantizeConfig()
     if is_quantized(model):
@@ -200,13 +203,15 @@ def quantize_model(model: nn.Module, spec: QuantizeConfig | dict | bool) -> dict
     layers = plan(model, spec)
     floats = {path: m.weight for path, m in _quantizable(model).items() if layers.get(path)} if spec.fitted else {}
     nn.quantize(model, class_predicate=lambda path, _: layers.get(path) or False)
-    for path, module in model.named_modules():
-        if layers.get(path) is not None:
-            if path in floats:
-                module.weight, module.scales, module.biases = fit_affine(floats.pop(path), **layers[path])
-            else:
-                _round_scales_to_16_bits(module)
-            mx.eval(module.parameters())
+    todo = [(path, module) for path, module in model.named_modules() if layers.get(path) is not None]
+    for done, (path, module) in enumerate(todo, start=1):
+        if path in floats:
+            module.weight, module.scales, module.biases = fit_affine(floats.pop(path), **layers[path])
+        else:
+            _round_scales_to_16_bits(module)
+        mx.eval(module.parameters())
+        if progress is not None:
+            progress(done, len(todo))
     return to_config(layers, spec)
 
 
@@ -296,14 +301,15 @@ def _for_storage(name: str, value: mx.array) -> mx.array:
 
 
 def quantize_weights(
-    config: GPT2Config, raw_config: dict, weights: dict[str, mx.array], spec: QuantizeConfig
+    config: GPT2Config, raw_config: dict, weights: dict[str, mx.array], spec: QuantizeConfig,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, mx.array], dict[str, Any], dict[str, Any]]:
     """Float weights -> (quantized weights, config.json "quantization" entry, a summary for humans)."""
     if saved_quantization(raw_config) is not None:
         raise UserError("the source is already quantized; convert its float checkpoint to quantize it differently")
     model = GPT2(config)
     model.load_weights(list(weights.items()), strict=True)
-    entry = quantize_model(model, spec)
+    entry = quantize_model(model, spec, progress=progress)
     stored = {name: _for_storage(name, v) for name, v in tree_flatten(model.parameters())}
     summary = {
         "bits": spec.bits, "group_size": spec.group_size, "keep_embeddings": spec.keep_embeddings,

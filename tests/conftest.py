@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,14 @@ from checkpoints import TOKENIZER_DIR, copy_tokenizer, make_hf_model, write_chec
 # A wider init than GPT-2's 0.02 makes the next-token distribution peaked, so greedy choices are not
 # near-ties that float rounding could flip; the numerics under test are the same.
 PEAKED = {"initializer_range": 0.2}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_and_the_bundled_blas(tmp_path_factory) -> None:
+    """Commands run by the tests keep MLX's bundled BLAS, so a subprocess computes exactly what the test
+    process does (tests/test_blas.py turns OpenBLAS on where it tests it), and never touch ~/.cache."""
+    os.environ["MLX_GPT2_OPENBLAS"] = "0"
+    os.environ["MLX_GPT2_CACHE_DIR"] = str(tmp_path_factory.mktemp("mlx-gpt2-cache"))
 
 
 @pytest.fixture(scope="session", autouse=True)

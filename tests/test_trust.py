@@ -446,7 +446,7 @@ def test_bad_adapter_config_and_state_are_one_line(small_converted, trained_adap
 
 def test_usage_mistakes_are_one_line_with_exit_2(small_converted):
     for args, message in ((["generate", "--max-tokens", "abc", "-p", "x"], "'--max-tokens'"),
-                          (["generate"], "Missing option '--prompt'"), (["genrate"], "No such command 'genrate'")):  # fmt: skip
+                          (["generate"], "give --prompt TEXT or --prompt-file FILE"), (["genrate"], "No such command 'genrate'")):  # fmt: skip
         line = one_error_line(cli(*args), code=2)
         assert message in line and "--help" in line
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import mlx.nn as nn
+from tqdm.auto import tqdm
 from mlx.utils import tree_flatten
 
-BAR_WIDTH = 20
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -24,24 +24,27 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 class Progress:
-    """Console output of a run; `quiet` prints only warnings."""
+    """Console output of a run: report lines on stdout, and progress bars (tqdm) on stderr while steps and
+    validations run. The bars show only on a terminal; `quiet` prints warnings and nothing else."""
 
     def __init__(self, total: int, *, quiet: bool = False, stream: TextIO | None = None) -> None:
         self.total, self.quiet = total, quiet
         self.stream = stream or sys.stdout
-        self.live = not quiet and self.stream.isatty()
         self.started = time.perf_counter()
+        self.bar: tqdm | None = None
 
     def _line(self, text: str) -> None:
         if not self.quiet:
-            clear = "\r\033[K" if self.live else ""
-            print(clear + text, file=self.stream, flush=True)
+            tqdm.write(text, file=self.stream)  # around any live bar, not through it
+
+    def _bar(self, **settings: Any) -> tqdm:
+        return tqdm(file=sys.stderr, disable=True if self.quiet else None, leave=False, dynamic_ncols=True, **settings)
 
     def info(self, text: str) -> None:
         self._line(text)
 
     def warn(self, text: str) -> None:
-        print(f"warning: {text}", file=sys.stderr, flush=True)
+        tqdm.write(f"warning: {text}", file=sys.stderr)
 
     def start(self, model: nn.Module, data: Any, settings: dict[str, Any], step: int) -> None:
         total, trainable = count_parameters(model)
@@ -53,13 +56,18 @@ class Progress:
         )
         if step:
             self._line(f"resuming at step {step} of {self.total}")
+        self.bar = self._bar(total=self.total, initial=step, desc="training", unit="step")
 
     def tick(self, step: int, loss: float, tokens_per_second: float) -> None:
-        if self.live:
-            done = BAR_WIDTH * step // self.total
-            bar = "#" * done + "." * (BAR_WIDTH - done)
-            self.stream.write(f"\r\033[K[{bar}] step {step}/{self.total}  loss {loss:.3f}  {tokens_per_second:.0f} tok/s")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.3f}, {tokens_per_second:.0f} tok/s", refresh=False)
+            self.bar.update(step - self.bar.n)
+
+    def validating(self, batches: int | None) -> Callable[[int], None]:
+        """A bar for one validation pass of `batches` batches (None: unknown); returns its per-batch feed."""
+        bar = self._bar(total=batches, desc="validation", unit="batch")
+        self._validation_bar = bar
+        return lambda done: bar.update(done - bar.n)
 
     def report(self, r: dict[str, Any]) -> None:
         self._line(
@@ -68,10 +76,21 @@ class Progress:
         )
 
     def validation(self, r: dict[str, Any]) -> None:
+        bar = getattr(self, "_validation_bar", None)
+        if bar is not None:
+            bar.close()
+            self._validation_bar = None
         self._line(f"step {r['step']}/{self.total}: validation loss {r['val_loss']:.3f} ({r['val_time']:.1f} s)")
 
     def saved(self, step: int, out: Path) -> None:
         self._line(f"step {step}/{self.total}: checkpoint saved to {out}")
 
     def finish(self, out: Path) -> None:
+        self.close()
         self._line(f"done in {time.perf_counter() - self.started:.0f} s; adapters in {out}")
+
+    def close(self) -> None:
+        for bar in (self.bar, getattr(self, "_validation_bar", None)):
+            if bar is not None:
+                bar.close()
+        self.bar = self._validation_bar = None

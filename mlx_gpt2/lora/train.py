@@ -294,13 +294,15 @@ class Step:
     update: Callable  # (summed grads, tokens) -> None: one AdamW step
 
 
-def evaluate(model: nn.Module, batches: Iterator[Batch]) -> float | None:
-    """Mean loss over every masked target of `batches`; None if there are none."""
+def evaluate(model: nn.Module, batches: Iterator[Batch], progress: Callable[[int], None] | None = None) -> float | None:
+    """Mean loss over every masked target of `batches`; None if there are none. `progress(batches done)`."""
     total, count = mx.array(0.0), mx.array(0.0)
-    for batch in batches:
+    for done, batch in enumerate(batches, start=1):
         loss, n = loss_fn(model, batch.inputs, batch.targets, batch.mask)
         total, count = total + loss * n, count + n
         mx.eval(total, count)
+        if progress is not None:
+            progress(done)
     return (total / count).item() if count.item() > 0 else None
 
 
@@ -359,6 +361,8 @@ class Trainer:
             except KeyboardInterrupt:
                 self.stopped()
                 raise
+            finally:
+                self.progress.close()
         self.progress.finish(self.out)
         return self.result()
 
@@ -428,7 +432,10 @@ class Trainer:
             return
         s, tic = self.settings, time.perf_counter()
         self.model.eval()
-        loss = evaluate(self.model, iterate_valid(self.data.valid, s["batch_size"], s["max_seq_length"], self.config.val_batches))
+        n = self.config.val_batches
+        batches = -(-len(self.data.valid) // s["batch_size"])  # ceil
+        feed = self.progress.validating(batches if n < 0 else min(n, batches))
+        loss = evaluate(self.model, iterate_valid(self.data.valid, s["batch_size"], s["max_seq_length"], n), feed)
         if loss is None:
             return
         record = {"step": self.state.step, "val_loss": loss, "val_time": time.perf_counter() - tic}

@@ -1,7 +1,7 @@
-"""CLI commands for looking inside the model (`inspect ...`): parse, call the API, print.
+"""`inspect ...`: look inside the model; parse, call the API, print.
 
 Each command prints a table by default, JSON with `--json` (shapes in the README), and also draws a PNG
-with `--png FILE` (matplotlib, the `viz` extra). Imported by `mlx_gpt2.cli`, which registers it.
+with `--png FILE` (matplotlib, the `viz` extra).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import typer
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .inspect import LogitLens, Trace
-    from .model import GPT2
-    from .tokenizer import Tokenizer
+    from ..inspect import LogitLens, Trace
+    from ..model import GPT2
+    from ..tokenizer import Tokenizer
+
+from .common import OUTPUT, command, model_option, read_prompt
 
 inspect_app = typer.Typer(
     no_args_is_help=True, rich_markup_mode=None,
@@ -28,31 +30,26 @@ inspect_app = typer.Typer(
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the main app."""
     app.add_typer(inspect_app, name="inspect")
 
 
-# Imported after `register` exists: importing this module first runs cli.py, which calls `register` on it.
-from .cli import ModelOpt, PanelCommand, user_errors  # noqa: E402
-
 TextArg = typer.Argument(..., help="The text to look at; '-' reads stdin (one trailing newline dropped).")
-JsonOpt = typer.Option(False, "--json", help="Print JSON (shape documented in the README) instead of a table.")
-PngOpt = typer.Option(None, "--png", help="Also draw a picture into this PNG file (needs mlx-gpt2[viz]).")
-ForceOpt = typer.Option(False, "--force", help="Replace an existing --png file.")
+ModelOpt = model_option()
+JsonOpt = typer.Option(False, "--json", help="Print JSON (shape documented in the README) instead of a table.", rich_help_panel=OUTPUT)
+PngOpt = typer.Option(None, "--png", help="Also draw a picture into this PNG file (needs mlx-gpt2[viz]).", rich_help_panel=OUTPUT)
+ForceOpt = typer.Option(False, "--force", help="Replace an existing --png file.", rich_help_panel=OUTPUT)
 
 
 def _prepare(model: str, text: str, png: Optional[Path], force: bool) -> tuple[GPT2, Tokenizer, str]:
     """Check the picture can be drawn and written before the (slow) load, then load; -> (model, tokenizer, text)."""
-    from .cli import read_prompt
-
     if png is not None:
-        from .convert import resolve_source
-        from .fileio import check_output
-        from .viz import require_matplotlib
+        from ..convert import resolve_source
+        from ..fileio import check_output
+        from ..viz import require_matplotlib
 
         require_matplotlib()
         check_output(png, force=force, inputs=[resolve_source(model)], kind="file")
-    from . import load
+    from .. import load
 
     text = read_prompt(text, what="TEXT")
     lm, tokenizer = load(model)
@@ -60,8 +57,8 @@ def _prepare(model: str, text: str, png: Optional[Path], force: bool) -> tuple[G
 
 
 def _save(figure: Figure, png: Path, force: bool) -> None:
-    from .fileio import claim_output
-    from .viz import save_png
+    from ..fileio import claim_output
+    from ..viz import save_png
 
     with claim_output(png, force=force, kind="file") as path:
         typer.echo(f"wrote {save_png(figure, path)}", err=True)  # stderr, so --json output stays pure
@@ -116,8 +113,7 @@ def _heads_table(t: Trace, layer: int) -> str:
     return title + "\n" + _table(["#", "token", *(f"head {h}" for h in range(t.n_head))], rows)
 
 
-@inspect_app.command(cls=PanelCommand)
-@user_errors
+@command(inspect_app)
 def attention(
     text: str = TextArg,
     model: str = ModelOpt,
@@ -128,7 +124,7 @@ def attention(
     force: bool = ForceOpt,
 ) -> None:
     """Attention probabilities of one head, or of every head of a layer."""
-    from .inspect import check_index, trace
+    from ..inspect import check_index, trace
 
     lm, tokenizer, text = _prepare(model, text, png, force)
     check_index("--layer", layer, lm.config.n_layer, "layers")
@@ -142,7 +138,7 @@ def attention(
     else:
         typer.echo(_heads_table(t, layer) if head is None else _attention_table(t, layer, head))
     if png is not None:
-        from .viz import attention_figure
+        from ..viz import attention_figure
 
         _save(attention_figure(t, layer=layer, head=head), png, force)
 
@@ -168,8 +164,7 @@ def _lens_table(lens: LogitLens) -> str:
     return title + "\n" + _table(["blocks", "", *(_show(token, 12) for token in lens.tokens)], rows)
 
 
-@inspect_app.command("logit-lens", cls=PanelCommand)
-@user_errors
+@command(inspect_app, "logit-lens")
 def logit_lens(
     text: str = TextArg,
     model: str = ModelOpt,
@@ -179,7 +174,7 @@ def logit_lens(
     force: bool = ForceOpt,
 ) -> None:
     """The model's guess for the next token after 0, 1, ..., n_layer blocks, at every position."""
-    from .inspect import logit_lens as run_lens, trace
+    from ..inspect import logit_lens as run_lens, trace
 
     lm, tokenizer, text = _prepare(model, text, png, force)
     t = trace(lm, tokenizer, text)
@@ -189,13 +184,12 @@ def logit_lens(
     else:
         typer.echo(_lens_table(lens))
     if png is not None:
-        from .viz import logit_lens_figure
+        from ..viz import logit_lens_figure
 
         _save(logit_lens_figure(lens), png, force)
 
 
-@inspect_app.command("next", cls=PanelCommand)
-@user_errors
+@command(inspect_app, "next")
 def next_token(
     text: str = TextArg,
     model: str = ModelOpt,
@@ -205,7 +199,7 @@ def next_token(
     force: bool = ForceOpt,
 ) -> None:
     """The most likely next tokens after TEXT, with their probabilities."""
-    from .inspect import encode, next_tokens
+    from ..inspect import encode, next_tokens
 
     lm, tokenizer, text = _prepare(model, text, png, force)
     ids = encode(lm, tokenizer, text)
@@ -222,7 +216,7 @@ def next_token(
         title = f"next token after {prompt} ({len(ids)} tokens)"
         typer.echo(title + "\n" + _table(["rank", "token", "id", "prob"], rows))
     if png is not None:
-        from .viz import next_tokens_figure
+        from ..viz import next_tokens_figure
 
         _save(next_tokens_figure(candidates, tokens), png, force)
 
@@ -240,8 +234,7 @@ def _embeddings_table(t: Trace, lm: GPT2) -> str:
     return title + "\n" + _table(["#", "token", "id", "|token|", "|position|", "|sum|", "sum[:4]"], rows)
 
 
-@inspect_app.command(cls=PanelCommand)
-@user_errors
+@command(inspect_app)
 def embeddings(
     text: str = TextArg,
     model: str = ModelOpt,
@@ -250,7 +243,7 @@ def embeddings(
     force: bool = ForceOpt,
 ) -> None:
     """Token embeddings, position embeddings and their sum for each token of TEXT."""
-    from .inspect import trace
+    from ..inspect import trace
 
     lm, tokenizer, text = _prepare(model, text, png, force)
     t = trace(lm, tokenizer, text)
@@ -262,6 +255,6 @@ def embeddings(
     else:
         typer.echo(_embeddings_table(t, lm))
     if png is not None:
-        from .viz import embeddings_figure
+        from ..viz import embeddings_figure
 
         _save(embeddings_figure(t), png, force)
