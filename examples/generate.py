@@ -1,19 +1,31 @@
 """Generate text with GPT-2, using only mlx-gpt2's public API.
 
-    python examples/generate.py                       # downloads gpt2 from the Hub once
-    python examples/generate.py path/to/model "Once upon a time"
+    python examples/generate.py gpt2                              # a Hub repo id (downloaded once)
+    python examples/generate.py path/to/model "Once upon a time"  # or any GPT-2 directory
 """
 
+import argparse
 import sys
 
-from mlx_gpt2 import load, stream_generate
+from mlx_gpt2 import UserError, load, stream_generate
 
-model_name = sys.argv[1] if len(sys.argv) > 1 else "gpt2"
-prompt = sys.argv[2] if len(sys.argv) > 2 else "The meaning of life is"
 
-model, tokenizer = load(model_name)
-print(prompt, end="", flush=True)
-for response in stream_generate(model, tokenizer, prompt, max_tokens=60, temp=0.8, top_p=0.95, seed=0):
-    print(response.text, end="", flush=True)
-print(f"\n\n[{response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s, "
-      f"peak memory {response.peak_memory:.2f} GB]")
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Generate text with GPT-2.")
+    parser.add_argument("model", help="Hub repo id (gpt2, distilgpt2, ...) or a GPT-2 directory")
+    parser.add_argument("prompt", nargs="?", default="The meaning of life is")
+    args = parser.parse_args()
+
+    model, tokenizer = load(args.model)
+    print(args.prompt, end="", flush=True)
+    for response in stream_generate(model, tokenizer, args.prompt, max_tokens=60, temp=0.8, top_p=0.95, seed=0):
+        print(response.text, end="", flush=True)
+    print(f"\n\n[{response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s, "
+          f"peak memory {response.peak_memory:.2f} GB]")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:  # a missing model, no network: one line, as the command line says it
+        sys.exit(f"error: {error}")

@@ -3,70 +3,83 @@
 The figures of the classic GPT-2 walk-throughs, computed from a real checkpoint with mlx-gpt2's public
 API, printed as shapes and numbers and saved as pictures (needs matplotlib: pip install 'mlx-gpt2[viz]').
 
-    python examples/inside_gpt2.py                          # gpt2 from the Hub (downloaded once)
+    python examples/inside_gpt2.py gpt2                     # a Hub repo id (downloaded once)
     python examples/inside_gpt2.py path/to/model            # any GPT-2 directory, Hub-format or converted
     python examples/inside_gpt2.py gpt2 pictures/           # where the PNGs go (default: inside_gpt2/)
 """
 
+import argparse
 import sys
 from pathlib import Path
 
-from mlx_gpt2 import load, viz
+from mlx_gpt2 import UserError, load, viz
 from mlx_gpt2.inspect import logit_lens, next_tokens, trace
 
-model_name = sys.argv[1] if len(sys.argv) > 1 else "gpt2"
-out = Path(sys.argv[2] if len(sys.argv) > 2 else "inside_gpt2")
-out.mkdir(parents=True, exist_ok=True)
-text = "The animal didn't cross the street because it was too tired"
-
-model, tokenizer = load(model_name)
-c = model.config
-t = trace(model, tokenizer, text)
-L = len(t.tokens)
+TEXT = "The animal didn't cross the street because it was too tired"
 
 
-def save(figure, name):
-    print(f"   picture: {viz.save_png(figure, out / name)}")
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The figures of the GPT-2 walk-throughs, from a real checkpoint.")
+    parser.add_argument("model", help="Hub repo id or GPT-2 directory")
+    parser.add_argument("out", nargs="?", type=Path, default=Path("inside_gpt2"), help="where the pictures go")
+    args = parser.parse_args()
+    model_name, out, text = args.model, args.out, TEXT
+    viz.require_matplotlib()
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(figure, name):
+        print(f"   picture: {viz.save_png(figure, out / name)}")
+
+    model, tokenizer = load(model_name)
+    c = model.config
+    t = trace(model, tokenizer, text)
+    L = len(t.tokens)
+
+    print(f"1. Embeddings of {model_name}")
+    print(f"   token embeddings wte: {c.vocab_size} × {c.n_embd}, one row per vocabulary entry")
+    print(f"   position embeddings wpe: {c.n_positions} × {c.n_embd}, one row per position in the window")
+    print(f"   {text!r} is {L} tokens: {t.tokens}")
+    print(f"   their rows {t.token_embeddings.shape} + positions {t.position_embeddings.shape}"
+          f" = the input of block 0, {t.residual_stream[0].shape}")
+    save(viz.embeddings_figure(t), "embeddings.png")
+
+    print("\n2. Masked self-attention, in each of the", c.n_layer, "blocks")
+    print(f"   ln_1, then c_attn: {c.n_embd} → {3 * c.n_embd} (q, k and v, {c.n_embd} each)"
+          f" → {c.n_head} heads × {c.head_dim}; t.q is {t.q.shape} [layer, head, position, head_dim]")
+    print(f"   per head, q·kᵀ × {model.h[0].attn.scale:.3f} (1/√{c.head_dim}) gives {L} × {L} scores; the causal mask"
+          f" hides later tokens and a softmax turns each row into probabilities: t.attentions is {t.attentions.shape}")
+    print(f"   probabilities × v: {L} × {c.head_dim} per head; {c.n_head} heads concatenated back to {L} × {c.n_embd};"
+          f" c_proj {c.n_embd} → {c.n_embd}, added to the residual stream")
+    print(f"   then ln_2 and the MLP: {c.n_embd} → {c.ffn_dim} → {c.n_embd}, added again")
+    it, animal = t.tokens.index(" it"), t.tokens.index(" animal")
+    # Which head of which layer sends the most of " it"'s attention to " animal"?
+    layer, head = divmod(int(t.attentions[:, :, it, animal].argmax()), c.n_head)
+    print(f"   ' it' (position {it}) attends to ' animal' most in layer {layer}, head {head}: "
+          f"{t.attentions[layer, head, it, animal]:.0%} of its attention")
+    for key in t.attentions[layer, head, it].argsort()[::-1][:3]:
+        print(f"      {t.tokens[key]!r:>10}  {t.attentions[layer, head, it, key]:.2f}")
+    save(viz.attention_figure(t, layer=layer, head=head), "attention_head.png")
+    save(viz.attention_figure(t, layer=layer), "attention_heads.png")
+
+    print(f"\n3. The residual stream: {c.n_layer} blocks, then ln_f and the head ({c.n_embd} → {c.vocab_size})")
+    print(f"   t.hidden_states is {t.hidden_states.shape}: the embeddings, then each block's output"
+          f" (the last one after ln_f, as transformers returns it)")
+    lens = logit_lens(model, tokenizer, t, top=1)
+    print(f"   logit lens at {t.tokens[-1]!r}: the model's guess for the next token after each number of blocks")
+    for depth in range(c.n_layer + 1):
+        label = "embeddings" if depth == 0 else f"after block {depth - 1}"
+        print(f"      {label:>14}  {lens.top_tokens[depth][-1][0]!r:>14}  {lens.top_probs[depth, -1, 0]:.2f}")
+    save(viz.logit_lens_figure(lens), "logit_lens.png")
+
+    print(f"\n4. The next token after {text!r}")
+    candidates = next_tokens(model, tokenizer, text, top=5)
+    for candidate in candidates:
+        print(f"      {candidate.token!r:>14}  {candidate.prob:.3f}")
+    save(viz.next_tokens_figure(candidates, t.tokens), "next_token.png")
 
 
-print(f"1. Embeddings of {model_name}")
-print(f"   token embeddings wte: {c.vocab_size} × {c.n_embd}, one row per vocabulary entry")
-print(f"   position embeddings wpe: {c.n_positions} × {c.n_embd}, one row per position in the window")
-print(f"   {text!r} is {L} tokens: {t.tokens}")
-print(f"   their rows {t.token_embeddings.shape} + positions {t.position_embeddings.shape}"
-      f" = the input of block 0, {t.residual_stream[0].shape}")
-save(viz.embeddings_figure(t), "embeddings.png")
-
-print("\n2. Masked self-attention, in each of the", c.n_layer, "blocks")
-print(f"   ln_1, then c_attn: {c.n_embd} → {3 * c.n_embd} (q, k and v, {c.n_embd} each)"
-      f" → {c.n_head} heads × {c.head_dim}; t.q is {t.q.shape} [layer, head, position, head_dim]")
-print(f"   per head, q·kᵀ × {model.h[0].attn.scale:.3f} (1/√{c.head_dim}) gives {L} × {L} scores; the causal mask"
-      f" hides later tokens and a softmax turns each row into probabilities: t.attentions is {t.attentions.shape}")
-print(f"   probabilities × v: {L} × {c.head_dim} per head; {c.n_head} heads concatenated back to {L} × {c.n_embd};"
-      f" c_proj {c.n_embd} → {c.n_embd}, added to the residual stream")
-print(f"   then ln_2 and the MLP: {c.n_embd} → {c.ffn_dim} → {c.n_embd}, added again")
-it, animal = t.tokens.index(" it"), t.tokens.index(" animal")
-# Which head of which layer sends the most of " it"'s attention to " animal"?
-layer, head = divmod(int(t.attentions[:, :, it, animal].argmax()), c.n_head)
-print(f"   ' it' (position {it}) attends to ' animal' most in layer {layer}, head {head}: "
-      f"{t.attentions[layer, head, it, animal]:.0%} of its attention")
-for key in t.attentions[layer, head, it].argsort()[::-1][:3]:
-    print(f"      {t.tokens[key]!r:>10}  {t.attentions[layer, head, it, key]:.2f}")
-save(viz.attention_figure(t, layer=layer, head=head), "attention_head.png")
-save(viz.attention_figure(t, layer=layer), "attention_heads.png")
-
-print(f"\n3. The residual stream: {c.n_layer} blocks, then ln_f and the head ({c.n_embd} → {c.vocab_size})")
-print(f"   t.hidden_states is {t.hidden_states.shape}: the embeddings, then each block's output"
-      f" (the last one after ln_f, as transformers returns it)")
-lens = logit_lens(model, tokenizer, t, top=1)
-print(f"   logit lens at {t.tokens[-1]!r}: the model's guess for the next token after each number of blocks")
-for depth in range(c.n_layer + 1):
-    label = "embeddings" if depth == 0 else f"after block {depth - 1}"
-    print(f"      {label:>14}  {lens.top_tokens[depth][-1][0]!r:>14}  {lens.top_probs[depth, -1, 0]:.2f}")
-save(viz.logit_lens_figure(lens), "logit_lens.png")
-
-print(f"\n4. The next token after {text!r}")
-candidates = next_tokens(model, tokenizer, text, top=5)
-for candidate in candidates:
-    print(f"      {candidate.token!r:>14}  {candidate.prob:.3f}")
-save(viz.next_tokens_figure(candidates, t.tokens), "next_token.png")
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:
+        sys.exit(f"error: {error}")

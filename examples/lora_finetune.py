@@ -1,7 +1,7 @@
 """Fine-tune GPT-2 with LoRA, watch the validation loss fall, fuse the adapters, and generate: public API only.
 
-    python examples/lora_finetune.py                                   # gpt2, a small set made from Python's docs
-    python examples/lora_finetune.py --model ./gpt2-mlx --data ./my-data --iters 200 --out runs/mine
+    python examples/lora_finetune.py gpt2                              # a small set made from Python's docs
+    python examples/lora_finetune.py ./gpt2-mlx --data ./my-data --iters 200 --out runs/mine
 
 `--data` is a directory with train.jsonl / valid.jsonl ({"text": ...} or {"prompt": ..., "completion": ...}
 per line), or a .txt file. Without it, the script writes a small dataset from the documentation that ships
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from mlx_gpt2 import generate, load
+from mlx_gpt2 import UserError, generate, load
 from mlx_gpt2.lora import TrainConfig, fuse, train
 
 
@@ -31,7 +32,7 @@ def sample_data(directory: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gpt2", help="Hub repo id or local directory")
+    parser.add_argument("model", help="Hub repo id or GPT-2 directory")
     parser.add_argument("--data", type=Path, help="training data (default: a sample made from Python's docs)")
     parser.add_argument("--out", type=Path, default=Path("runs/lora-example"))
     parser.add_argument("--iters", type=int, default=100)
@@ -52,7 +53,7 @@ def main() -> None:
     print("base:     ", generate(base, tokenizer, args.prompt, max_tokens=40))
     print("adapters: ", generate(tuned, tokenizer, args.prompt, max_tokens=40))
 
-    fused_dir = fuse(args.model, adapters, args.out / "fused", force=True)  # a plain model directory
+    fused_dir = fuse(None, adapters, args.out / "fused", force=True)  # None: the base the adapters recorded
     fused, tokenizer = load(fused_dir)
     print("fused:    ", generate(fused, tokenizer, args.prompt, max_tokens=40))
     hf_dir = fuse(args.model, adapters, args.out / "fused-hf", export_hf=True, force=True)
@@ -60,4 +61,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:
+        sys.exit(f"error: {error}")

@@ -128,10 +128,13 @@ def measure_in_subprocess(preload: str | None, quick: bool = False) -> dict:
         env["LD_PRELOAD"] = preload
     args = [sys.executable, "-m", "mlx_gpt2.doctor"] + (["--quick"] if quick else [])
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    last = (proc.stderr.strip().splitlines() or ["no message"])[-1][:160]
     if proc.returncode != 0 or not proc.stdout.strip():
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise UserError(f"MLX did not run with LD_PRELOAD={preload} ({last[:160]}); is it an OpenBLAS for this machine?")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise UserError(f"MLX did not run with LD_PRELOAD={preload} ({last}); is it an OpenBLAS for this machine?")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if preload and os.path.realpath(preload) not in {os.path.realpath(p) for p in result["blas_paths"]}:
+        raise UserError(f"MLX did not run with LD_PRELOAD={preload}: the loader ignored it ({last}); is it an OpenBLAS for this machine?")
+    return result
 
 
 def machine_info() -> dict:

@@ -125,7 +125,7 @@ class PanelCommand(typer.core.TyperCommand):
                 default = "Arguments" if param.param_type_name == "argument" else "Options"
                 sections.setdefault(getattr(param, "rich_help_panel", None) or default, []).append(record)
         # One name column for every panel, so the help text lines up down the whole page.
-        width = min(max(len(name) for records in sections.values() for name, _ in records), self.NAME_COLUMN)
+        width = min(max((len(name) for records in sections.values() for name, _ in records), default=0), self.NAME_COLUMN)
         for title, records in sections.items():
             with formatter.section(title):
                 formatter.write_dl([(name.ljust(width), text) for name, text in records], col_max=self.NAME_COLUMN)

@@ -30,7 +30,10 @@ def convert(
     force: bool = force_option("Replace a non-empty output directory."),
     quiet: bool = quiet_option(),
 ) -> None:
-    """Convert a GPT-2 checkpoint (Hub repo or directory) to MLX."""
+    """Convert a GPT-2 checkpoint to MLX.
+
+    SOURCE is a Hugging Face Hub repo id or a local directory in any GPT-2 layout.
+    """
     from ..config import read_config_json
     from ..convert import convert as run_convert
     from ..quantize import QuantizeConfig

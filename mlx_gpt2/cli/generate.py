@@ -49,7 +49,10 @@ def generate(
     early_stopping: bool = typer.Option(False, "--early-stopping", help="End once num_beams hypotheses are finished.", rich_help_panel=BEAMS),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed, peak memory and the BLAS in use to stderr.", rich_help_panel=OUTPUT),
 ) -> None:
-    """Generate text from a prompt, streamed to stdout."""
+    """Generate text from a prompt.
+
+    The text streams to stdout as it is generated; --verbose adds the numbers on stderr.
+    """
     from .. import load
     from ..lora.layers import recorded_base
 
@@ -146,7 +149,10 @@ def cache_prompt(
     out: Path = typer.Option(..., "--out", "-o", help="The cache file to write (safetensors).", rich_help_panel=OUTPUT),
     force: bool = force_option("Replace an existing file at --out."),
 ) -> None:
-    """Save the KV cache of a prompt prefix for `generate --prompt-cache`."""
+    """Save the KV cache of a prompt prefix.
+
+    `generate --prompt-cache FILE --prompt REST` continues from it without computing it again.
+    """
     from .. import load
     from ..convert import resolve_source
     from ..fileio import check_output, claim_output

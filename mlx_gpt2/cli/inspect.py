@@ -25,7 +25,7 @@ from .common import OUTPUT, command, model_option, read_prompt
 
 inspect_app = typer.Typer(
     no_args_is_help=True, rich_markup_mode=None,
-    help="Look inside the model: attention, logit lens, next tokens, embeddings.",
+    help="Look inside the model.\n\nAttention, the logit lens, the next tokens and the embeddings of a text.",
 )
 
 
@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(inspect_app, name="inspect")
 
 
-TextArg = typer.Argument(..., help="The text to look at; '-' reads stdin (one trailing newline dropped).")
+TextArg = typer.Argument(..., metavar="TEXT", help="The text to look at; '-' reads stdin (one trailing newline dropped).")
 ModelOpt = model_option()
 JsonOpt = typer.Option(False, "--json", help="Print JSON (shape documented in the README) instead of a table.", rich_help_panel=OUTPUT)
 PngOpt = typer.Option(None, "--png", help="Also draw a picture into this PNG file (needs mlx-gpt2[viz]).", rich_help_panel=OUTPUT)

@@ -52,7 +52,10 @@ def lora(
     save_every: int = typer.Option(100, "--save-every", help="Steps between checkpoints.", rich_help_panel=RUN),
     quiet: bool = typer.Option(False, "--quiet", help="Print warnings only: no progress bar, no report lines.", rich_help_panel=OUTPUT),
 ) -> None:
-    """Fine-tune with LoRA, QLoRA or fully; Ctrl-C saves a checkpoint."""
+    """Fine-tune with LoRA, QLoRA or fully.
+
+    Ctrl-C saves a checkpoint that --resume continues exactly.
+    """
     from ..lora import TrainConfig, train
 
     qlora = quantize or bits is not None or group_size is not None or keep_embeddings

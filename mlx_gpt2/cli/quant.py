@@ -26,7 +26,10 @@ def perplexity(
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Windows evaluated together.", rich_help_panel=SCORING),
     quiet: bool = quiet_option(),
 ) -> None:
-    """Strided perplexity of a model on a text file."""
+    """Score a text file: strided perplexity.
+
+    Each token is scored once, with up to context - stride tokens of left context.
+    """
     from ..loading import load
     from ..perplexity import perplexity as score
 

@@ -41,7 +41,10 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the full record (every run) as JSON here.", rich_help_panel=OUTPUT),
     force: bool = force_option("Replace an existing --json file."),
 ) -> None:
-    """Time mlx-gpt2 against mlx-lm and transformers; print tables."""
+    """Compare speed with mlx-lm and transformers.
+
+    The same checkpoints, in turns, each run in a fresh process; markdown tables on stdout.
+    """
     from ..bench import BenchOptions, benchmark, markdown
     from ..fileio import check_output, write_text_atomic
 
@@ -69,7 +72,10 @@ def doctor(
     quick: bool = typer.Option(False, "--quick", help="Smaller, single measurements (a second or two)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Backend, BLAS, dtype and layout defaults, and matmul speed."""
+    """Show the backend, BLAS and matmul speed.
+
+    Also the dtype and layout defaults, and a numerics check of MLX's matmul.
+    """
     from ..doctor import report
 
     info = report(openblas=openblas, quick=quick)
@@ -107,7 +113,11 @@ def _doctor_lines(info: dict) -> list[str]:
 
 
 def with_openblas(ctx: typer.Context) -> None:
-    """Run an mlx-gpt2 command with OpenBLAS preloaded (unchecked)."""
+    """Run a command with OpenBLAS preloaded.
+
+    The `mlx-gpt2` command already preloads a checked OpenBLAS by itself where it finds one; this runs
+    COMMAND with it whatever the check says. MLX_GPT2_OPENBLAS=PATH picks the library.
+    """
     import os
     import sys
 
@@ -115,9 +125,7 @@ def with_openblas(ctx: typer.Context) -> None:
     from ..errors import UserError
 
     if not ctx.args or ctx.args[0] in ("--help", "-h"):
-        typer.echo(ctx.get_help().replace("[OPTIONS]", "COMMAND [ARGS]...") + "\n\n  The `mlx-gpt2` command already preloads "
-                   "a checked OpenBLAS by itself where it finds one;\n  this runs COMMAND with it whatever the check says "
-                   "(MLX_GPT2_OPENBLAS=PATH picks the library).")  # fmt: skip
+        typer.echo(ctx.get_help().replace("[OPTIONS]", "COMMAND [ARGS]..."))
         return
     lib = find_openblas()
     if lib is None or not Path(lib).is_file():
