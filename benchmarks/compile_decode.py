@@ -27,7 +27,7 @@ import mlx.core as mx
 
 from mlx_gpt2 import GPT2, make_cache
 from mlx_gpt2.backend import use_input_major
-from mlx_gpt2.bench_runs import SHAPES
+from benchmarks.bench_runs import SHAPES
 from mlx_gpt2.config import GPT2Config
 from profile_decode import cpu_now, timed
 

@@ -27,7 +27,7 @@ import mlx.core as mx
 
 from mlx_gpt2 import GPT2, generate_step, make_cache, quantize_model
 from mlx_gpt2.backend import prepare
-from mlx_gpt2.bench_runs import SHAPES
+from benchmarks.bench_runs import SHAPES
 from mlx_gpt2.config import GPT2Config
 
 

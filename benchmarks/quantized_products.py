@@ -17,7 +17,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_gpt2.cpu_quantized import InputMajorQuantizedLinear
+from mlx_gpt2.backend.cpu_quantized import InputMajorQuantizedLinear
 
 SHAPES = {"attn.c_attn": (768, 2304), "attn.c_proj": (768, 768), "mlp.c_fc": (768, 3072), "mlp.c_proj": (3072, 768), "head": (768, 50257)}
 

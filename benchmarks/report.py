@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from mlx_gpt2.bench import markdown
+from benchmarks.bench import markdown
 
 
 def merge(paths: list[Path]) -> dict:

@@ -8,28 +8,20 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ..config import GPT2Config, read_config_json
-from ..errors import CheckpointError, UserError
-from ..fileio import atomic_directory, check_output, claim_output, write_json_atomic
-from ..quantize import QuantizeConfig, quantize_weights
-from ..tokenizer import Tokenizer, has_tokenizer_files
-from .hub import resolve_source
-from .read import read_tensors
-from .weights import (
+from mlx_gpt2.backend import parse_dtype
+from mlx_gpt2.config import GPT2Config, read_config_json
+from mlx_gpt2.errors import CheckpointError, UserError
+from mlx_gpt2.fileio import atomic_directory, check_output, claim_output, write_json_atomic
+from mlx_gpt2.quant.quantize import QuantizeConfig, quantize_weights
+from mlx_gpt2.tokenizer import Tokenizer, has_tokenizer_files
+from mlx_gpt2.convert.hub import resolve_source
+from mlx_gpt2.convert.read import read_tensors
+from mlx_gpt2.convert.weights import (
     MLX_PREFIX, add_mlx_prefix, check_finite, check_sizes, check_weights, hf_to_mlx, mlx_to_hf, strip_mlx_prefix,
 )
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 FORMAT_VERSION = 1
 GPT2_VOCAB_SIZE = 50257  # the bundled tokenizer's: a model with at least this many embeddings can use it
-
-
-def parse_dtype(name: str | None) -> mx.Dtype | None:
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise UserError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def read_model_dir(directory: Path) -> tuple[GPT2Config, dict, dict[str, mx.array]]:

@@ -8,8 +8,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..config import GPT2Config
-from ..errors import CheckpointError
+from mlx_gpt2.config import GPT2Config
+from mlx_gpt2.errors import CheckpointError
 
 # transformers' Conv1D stores its weight as (in_features, out_features); nn.Linear wants (out, in).
 CONV1D_WEIGHTS = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
@@ -23,7 +23,7 @@ MLX_PREFIX = "model."
 
 def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every parameter our GPT2 has for this config; nothing is allocated."""
-    from ..model import GPT2
+    from mlx_gpt2.model import GPT2
 
     # MLX initialisers are lazy: building the module only records shapes until something is evaluated.
     return {name: tuple(p.shape) for name, p in tree_flatten(GPT2(config).parameters())}

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from mlx_gpt2 import (
-    UserError, batch_generate_response, beam_search, generate, load, load_prompt_cache, make_prompt_cache,
+    Draft, UserError, batch_generate_response, beam_search, generate, load, load_prompt_cache, make_prompt_cache,
     save_prompt_cache, stream_generate,
 )
 
@@ -29,7 +29,7 @@ def main() -> None:
     print(f"[batch] {batch.generation_tokens} tokens at {batch.generation_tps:.1f} tokens/s over {len(prompts)} rows")
 
     draft = load(args.draft)[0] if args.draft else model
-    drafted = generate(model, tokenizer, prompts[0], max_tokens=30, draft_model=draft, num_draft=3)
+    drafted = generate(model, tokenizer, prompts[0], max_tokens=30, draft=Draft(draft, num_draft=3))
     assert drafted == batch.texts[0], "greedy speculative output is the target's own"
     print(f"[speculative] {prompts[0]}{drafted!r}")
 

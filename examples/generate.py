@@ -7,7 +7,7 @@
 import argparse
 import sys
 
-from mlx_gpt2 import UserError, load, stream_generate
+from mlx_gpt2 import SamplingOptions, UserError, load, stream_generate
 
 
 def main() -> None:
@@ -18,7 +18,8 @@ def main() -> None:
 
     model, tokenizer = load(args.model)
     print(args.prompt, end="", flush=True)
-    for response in stream_generate(model, tokenizer, args.prompt, max_tokens=60, temp=0.8, top_p=0.95, seed=0):
+    sampling = SamplingOptions(temp=0.8, top_p=0.95, seed=0)
+    for response in stream_generate(model, tokenizer, args.prompt, max_tokens=60, sampling=sampling):
         print(response.text, end="", flush=True)
     print(f"\n\n[{response.generation_tokens} tokens, {response.generation_tps:.1f} tokens/s, "
           f"peak memory {response.peak_memory:.2f} GB]")

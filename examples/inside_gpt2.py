@@ -12,8 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from mlx_gpt2 import UserError, load, viz
-from mlx_gpt2.inspect import logit_lens, next_tokens, trace
+from mlx_gpt2 import UserError, load
+from mlx_gpt2.analysis import viz
+from mlx_gpt2.analysis.trace import logit_lens, next_tokens, trace
 
 TEXT = "The animal didn't cross the street because it was too tired"
 

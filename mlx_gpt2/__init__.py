@@ -15,20 +15,23 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _EXPORTS = {
-    "BatchResponse": "batch", "batch_generate": "batch", "batch_generate_response": "batch",
-    "BeamResult": "beam", "beam_generate": "beam", "beam_search": "beam",
+    "BatchResponse": "generation.batch", "batch_generate": "generation.batch",
+    "batch_generate_response": "generation.batch",
+    "BeamResult": "generation.beam", "beam_generate": "generation.beam", "beam_search": "generation.beam",
     "KVCache": "cache", "make_cache": "cache",
     "GPT2Config": "config",
     "CheckpointError": "errors", "UserError": "errors",
-    "GenerationResponse": "generate", "generate": "generate", "generate_step": "generate",
-    "stream_generate": "generate",
+    "GenerationResponse": "generation.generate", "generate": "generation.generate",
+    "generate_step": "generation.generate", "stream_generate": "generation.generate",
     "load": "loading",
     "GPT2": "model", "check_ids": "model",
     "PerplexityResult": "perplexity", "perplexity": "perplexity",
-    "load_prompt_cache": "prompt_cache", "make_prompt_cache": "prompt_cache", "save_prompt_cache": "prompt_cache",
-    "QuantizeConfig": "quantize", "bits_per_weight": "quantize", "quantize_model": "quantize",
-    "make_logits_processors": "sampling", "make_sampler": "sampling",
-    "speculative_generate_step": "speculative",
+    "load_prompt_cache": "generation.prompt_cache", "make_prompt_cache": "generation.prompt_cache",
+    "save_prompt_cache": "generation.prompt_cache",
+    "QuantizeConfig": "quant.quantize", "bits_per_weight": "quant.quantize", "quantize_model": "quant.quantize",
+    "SamplingOptions": "generation.sampling", "make_logits_processors": "generation.sampling",
+    "make_sampler": "generation.sampling",
+    "Draft": "generation.speculative", "speculative_generate_step": "generation.speculative",
     "Tokenizer": "tokenizer",
 }  # fmt: skip
 __all__ = sorted(_EXPORTS)
@@ -47,8 +50,8 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """Exported names win over submodules of the same name (`mlx_gpt2.generate` is the function, as
-    `from mlx_gpt2 import generate` promises, even after the module `mlx_gpt2.generate` was imported)."""
+    """Exported names win over submodules of the same name (`mlx_gpt2.perplexity` is the function, as
+    `from mlx_gpt2 import perplexity` promises, even after the module `mlx_gpt2.perplexity` was imported)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _EXPORTS and isinstance(value, types.ModuleType):

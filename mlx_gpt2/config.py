@@ -6,16 +6,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from .activations import ACTIVATIONS as activation_table
 from .errors import UserError
 from .fileio import read_json
 
-# Every activation transformers' GPT-2 accepts (transformers.activations.ACT2CLS) that is a fixed function.
+# Every activation transformers' GPT-2 accepts (transformers.activations.ACT2CLS) that is a fixed function;
 # prelu and xielu carry learned parameters that GPT-2's MLP has no slot for, so they are refused.
-ACTIVATIONS = (
-    "gelu", "gelu_10", "gelu_fast", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "gelu_python_tanh",
-    "gelu_accurate", "hardswish", "laplace", "leaky_relu", "linear", "mish", "quick_gelu", "relu", "relu2",
-    "relu6", "sigmoid", "silu", "sqrtsoftplus", "swish", "tanh",
-)
+ACTIVATIONS = tuple(activation_table)
 
 # gpt2-xl has 1.6e9 parameters; anything far past that is a corrupt or hostile config, and refusing it here
 # happens before a single array is allocated.

@@ -7,14 +7,14 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .backend import default_dtype, prepare
+from .backend import default_dtype, parse_dtype, prepare
 from .convert import read_model_dir, resolve_source
-from .convert.convert import parse_dtype, read_tokenizer
+from .convert.convert import read_tokenizer
 from .convert.weights import check_finite, dtype_name
 from .errors import CheckpointError
 from .lora.layers import check_base, load_adapters, read_adapter_config
 from .model import GPT2
-from .quantize import QuantizeConfig, apply_saved_quantization, quantize_model, saved_quantization
+from .quant.quantize import QuantizeConfig, apply_saved_quantization, quantize_model, saved_quantization
 from .tokenizer import Tokenizer
 
 

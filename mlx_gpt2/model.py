@@ -12,90 +12,17 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from .activations import ACTIVATIONS
 from .cache import KVCache
 from .config import GPT2Config
 from .errors import UserError
 
 
-# GPT-2 was trained with the tanh approximation of GELU ("gelu_new"), not the exact erf GELU. MLX's CPU
-# tanh costs ~18 ns an element here (~30% of a LoRA step), so tanh is a rational function instead
-# (Eigen's and XLA's fast float tanh, within 4e-7), fused by `mx.compile` into one kernel: 168 -> 8 ms
-# forward on [512, 3072]. Compiled per shape (~1 ms a new shape): the shapeless form split into several
-# kernels with 38 MB of temporaries there. (x / (1 + exp(-2u)), the same function, fused shapeless with no
-# temporaries but ran ~6% slower per LoRA step.)
-_TANH_P = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
-           -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)  # fmt: skip
-_TANH_Q = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
-_TANH_CLAMP = 7.90531110763549805  # beyond it the rational function's value rounds to +-1 in float32
-_C = math.sqrt(2.0 / math.pi)
+Hook = Callable[[str, mx.array], mx.array]  # (name of an intermediate, its value) -> the value to use
 
 
-def _tanh(x: mx.array) -> mx.array:
-    x = mx.clip(x, -_TANH_CLAMP, _TANH_CLAMP)
-    x2 = x * x
-    p, q = _TANH_P[-1], _TANH_Q[-1]
-    for c in _TANH_P[-2::-1]:
-        p = p * x2 + c
-    for c in _TANH_Q[-2::-1]:
-        q = q * x2 + c
-    return x * p / q
-
-
-def _tanh_u(y: mx.array) -> mx.array:
-    return _tanh(_C * (y + 0.044715 * y * y * y))  # tanh(u), u = c (x + 0.044715 x^3)
-
-
-@mx.compile
-def _gelu_tanh_forward(x: mx.array) -> mx.array:
-    y = x.astype(mx.float32)  # float32 whatever the input (the smallest coefficients underflow float16)
-    return (0.5 * y * (1.0 + _tanh_u(y))).astype(x.dtype)
-
-
-@mx.compile
-def _gelu_tanh_backward(x: mx.array, cotangent: mx.array) -> mx.array:
-    # d/dx 0.5 x (1 + tanh(u)) = 0.5 (1 + t) + 0.5 x (1 - t^2) u',  u = c (x + 0.044715 x^3)
-    y = x.astype(mx.float32)
-    t = _tanh_u(y)
-    du = _C * (1.0 + 3 * 0.044715 * y * y)
-    return (cotangent * (0.5 * (1.0 + t) + 0.5 * y * (1.0 - t * t) * du)).astype(cotangent.dtype)
-
-
-# A hand-written derivative: autograd would keep several [tokens, 3072] intermediates per block; this
-# one fused kernel keeps only x.
-@mx.custom_function
-def _gelu_tanh(x: mx.array) -> mx.array:
-    return _gelu_tanh_forward(x)
-
-
-@_gelu_tanh.vjp
-def _gelu_tanh_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
-    return _gelu_tanh_backward(x, cotangent)  # (one input, one output: arrays, not lists)
-
-
-_ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
-    "gelu_new": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_python_tanh": _gelu_tanh,
-    "gelu_accurate": _gelu_tanh,
-    "gelu": nn.gelu,
-    "gelu_python": nn.gelu,
-    "gelu_10": lambda x: mx.clip(nn.gelu(x), -10.0, 10.0),
-    "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
-    "relu": nn.relu,
-    "relu2": lambda x: mx.square(nn.relu(x)),
-    "relu6": nn.relu6,
-    "leaky_relu": lambda x: nn.leaky_relu(x, 0.01),
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "hardswish": nn.hardswish,
-    "mish": nn.mish,
-    "sigmoid": mx.sigmoid,
-    "tanh": mx.tanh,
-    "linear": lambda x: x,
-    "laplace": lambda x: 0.5 * (1.0 + mx.erf((x - 0.707107) / (0.282095 * math.sqrt(2.0)))),
-    "sqrtsoftplus": lambda x: mx.sqrt(nn.softplus(x)),
-}
+def _identity(name: str, value: mx.array) -> mx.array:
+    return value
 
 
 def check_ids(ids: Sequence[int], vocab_size: int, *, what: str = "the prompt") -> list[int]:
@@ -129,19 +56,47 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache | None) -> mx.array:
+    def heads(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """[B, L, D] -> q, k, v, each [B, n_head, L, head_dim]: the long QKV vector cut into heads."""
         B, L, D = x.shape
-        q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
-        # [B, L, D] -> [B, n_head, L, head_dim]
-        q, k, v = (t.reshape(B, L, self.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
+        q, k, v = mx.split(self.c_attn(x), 3, axis=-1)  # [B, L, 3 D] -> 3 x [B, L, D]
+        return tuple(t.reshape(B, L, self.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
+
+    def _upcast(self, *arrays: mx.array) -> tuple[mx.array, ...]:
+        if self.upcast and arrays[0].dtype != mx.float32:  # the upcast is the whole point of that option
+            return tuple(a.astype(mx.float32) for a in arrays)
+        return arrays
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None, cache: KVCache | None) -> mx.array:
+        """The fast path: one fused scaled-dot-product attention, probabilities never materialised."""
+        B, L, D = x.shape
+        q, k, v = self.heads(x)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        dtype = q.dtype
-        if self.upcast and dtype != mx.float32:  # the upcast is the whole point of that option
-            q, k, v = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask).astype(dtype)
+        out = mx.fast.scaled_dot_product_attention(*self._upcast(q, k, v), scale=self.scale, mask=mask).astype(q.dtype)
         # [B, n_head, L, head_dim] -> [B, L, D]: heads concatenated back
         return self.c_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
+
+    def explicit(self, x: mx.array, hook: Hook | None = None) -> mx.array:
+        """The same attention written out, every step on view: [B, L, D] -> [B, L, D], causal, no cache.
+
+        Each intermediate goes through `hook(name, value)`, which may read or replace it: "q", "k", "v"
+        `[B, n_head, L, head_dim]`; "scores" `[B, n_head, L, L]` (q.k^T x scale, the future at -inf);
+        "pattern" (the softmax of the scores: each row sums to 1); "z" `[B, L, n_head, head_dim]` (the
+        weighted values, before the heads are concatenated and projected by c_proj). The numbers are those
+        of the fused path and of transformers' eager attention.
+        """
+        hook = hook or _identity
+        B, L, D = x.shape
+        q, k, v = (hook(name, t) for name, t in zip(("q", "k", "v"), self.heads(x)))
+        qc, kc, vc = self._upcast(q, k, v)
+        scores = (qc @ kc.transpose(0, 1, 3, 2)) * self.scale  # [B, n_head, L, L]
+        causal = mx.tril(mx.ones((L, L), dtype=mx.bool_))
+        # -inf, not a large negative number, so the future gets exactly zero probability.
+        scores = hook("scores", mx.where(causal, scores, mx.array(float("-inf"), dtype=scores.dtype)))
+        pattern = hook("pattern", mx.softmax(scores, axis=-1, precise=True))
+        z = (pattern.astype(vc.dtype) @ vc).astype(q.dtype).transpose(0, 2, 1, 3)  # -> [B, L, n_head, head_dim]
+        return self.c_proj(hook("z", z).reshape(B, L, D))
 
 
 class MLP(nn.Module):
@@ -156,7 +111,7 @@ class MLP(nn.Module):
         self.activation = config.activation_function
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.c_proj(_ACTIVATIONS[self.activation](self.c_fc(x)))
+        return self.c_proj(ACTIVATIONS[self.activation](self.c_fc(x)))
 
 
 class Block(nn.Module):

@@ -28,6 +28,23 @@ def _tokenizer_files_exist() -> None:
     assert (TOKENIZER_DIR / "vocab.json").is_file(), f"GPT-2 tokenizer files missing at {TOKENIZER_DIR}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _the_fixtures_are_real_checkpoints(tmp_path_factory) -> None:
+    """Not a test of ours: the checkpoint writers' own check, that transformers reads every layout they
+    write back to the same logits (so the tests that read them test real checkpoints)."""
+    from transformers import GPT2LMHeadModel
+
+    from checkpoints import LAYOUTS, UNTIED
+
+    model = make_hf_model({"vocab_size": 1000, **UNTIED}, seed=1)
+    ids = torch.arange(20).view(1, 20)
+    for layout in LAYOUTS:
+        directory = write_checkpoint(model, tmp_path_factory.mktemp(f"fixture-{layout}"), layout, tokenizer=False)
+        loaded = GPT2LMHeadModel.from_pretrained(directory).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, model(ids).logits), f"the {layout} writer is broken"
+
+
 @pytest.fixture(scope="session")
 def small_hf():
     """A small GPT-2 (2 layers, 64 wide, real 50257 vocabulary) in transformers."""

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_gpt2 import UserError, batch_generate, batch_generate_response, generate, stream_generate
-from mlx_gpt2.batch import Batch
+from mlx_gpt2 import SamplingOptions, UserError, batch_generate, batch_generate_response, generate, stream_generate
+from mlx_gpt2.generation.batch import Batch
 
 PROMPTS = [
     "Hello",
@@ -61,7 +61,7 @@ def test_batched_greedy_equals_each_prompt_alone(small_loaded):
 def test_each_row_stops_on_its_own_at_end_of_text(small_loaded):
     model, tokenizer = small_loaded
     # This bias makes <|endoftext|> win after a different number of tokens in each row (1 to 25 of 30).
-    options = dict(max_tokens=30, logit_bias={tokenizer.eos_token_id: 7.0})
+    options = dict(max_tokens=30, sampling=SamplingOptions(logit_bias={tokenizer.eos_token_id: 7.0}))
     alone = [single(model, tokenizer, p, **options) for p in PROMPTS]
     assert len({len(t) for t in alone}) >= 4, [len(t) for t in alone]
     response = batch_generate_response(model, tokenizer, PROMPTS, **options)
@@ -82,15 +82,15 @@ def test_each_row_stops_on_its_own_at_a_stop_string(small_loaded):
 
 def test_penalty_and_bias_apply_per_row(small_loaded):
     model, tokenizer = small_loaded
-    options = dict(max_tokens=12, ignore_eos=True, repetition_penalty=1.5, logit_bias={11: 3.0})
+    options = dict(max_tokens=12, ignore_eos=True, sampling=SamplingOptions(repetition_penalty=1.5, logit_bias={11: 3.0}))
     response = batch_generate_response(model, tokenizer, PROMPTS[:3], **options)
     assert response.tokens == [single(model, tokenizer, p, **options) for p in PROMPTS[:3]]
 
 
 def test_sampling_is_reproducible_with_a_seed(small_loaded):
     model, tokenizer = small_loaded
-    options = dict(max_tokens=10, temp=1.0, ignore_eos=True)
-    run = lambda seed: batch_generate(model, tokenizer, PROMPTS[:3], seed=seed, **options)
+    run = lambda seed: batch_generate(model, tokenizer, PROMPTS[:3], max_tokens=10, ignore_eos=True,
+                                      sampling=SamplingOptions(temp=1.0, seed=seed))  # fmt: skip
     assert run(3) == run(3)
     assert run(3) != run(4)
 
@@ -101,8 +101,8 @@ def test_bad_input_is_refused(small_loaded):
         batch_generate(model, tokenizer, [], max_tokens=5)
     with pytest.raises(ValueError, match="max_tokens must be an integer >= 0"):
         batch_generate(model, tokenizer, PROMPTS, max_tokens=-1)
-    with pytest.raises(ValueError, match="top_p must be in"):
-        batch_generate(model, tokenizer, PROMPTS, top_p=0)
+    with pytest.raises(ValueError, match="logit_bias token ids must be integers in"):
+        batch_generate(model, tokenizer, PROMPTS, sampling=SamplingOptions(logit_bias={50257: 1.0}))
     with pytest.raises(UserError, match="longer than the model's window of 128"):
         batch_generate(model, tokenizer, ["word " * 200], max_tokens=5)
 

@@ -127,13 +127,24 @@ def test_bad_configs_are_clear_errors(change, message, small_hf, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_absurd_config_is_refused_before_allocating(tmp_path):
-    from mlx_gpt2 import GPT2Config
+def test_absurd_config_is_refused_before_anything_is_read(small_dir, tmp_path, monkeypatch):
+    import importlib
 
-    mx.reset_peak_memory()
-    with pytest.raises(UserError, match="far beyond any GPT-2"):
-        GPT2Config(vocab_size=10**12)
-    assert mx.get_peak_memory() < 1e6
+    converter = importlib.import_module("mlx_gpt2.convert.convert")  # the module, not the function of its name
+
+    directory = tmp_path / "absurd"
+    directory.mkdir()
+    for f in small_dir.iterdir():
+        (directory / f.name).write_bytes(f.read_bytes())
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "vocab_size": 10**12}))
+
+    def read_tensors(_):
+        raise AssertionError("the tensors were read before the config was refused")
+
+    monkeypatch.setattr(converter, "read_tensors", read_tensors)
+    with pytest.raises(UserError, match="describes a model of 6.4e\\+13 parameters, far beyond any GPT-2"):
+        load(directory)
 
 
 def test_config_json_that_is_not_json(small_hf, tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlx_gpt2 import generate, load
-from mlx_gpt2.cpu_quantized import (
+from mlx_gpt2.backend.cpu_quantized import (
     CPUQuantizedLinear,
     InputMajorQuantizedEmbedding,
     InputMajorQuantizedLinear,
@@ -21,7 +21,7 @@ from mlx_gpt2.cpu_quantized import (
     use_cpu_quantized,
     use_stored_layout,
 )
-from mlx_gpt2.prompt_cache import model_fingerprint
+from mlx_gpt2.generation.prompt_cache import model_fingerprint
 
 
 def _quantized_linear(in_dims: int, out_dims: int, *, bits: int, group_size: int, bias: bool = True) -> nn.QuantizedLinear:
@@ -57,7 +57,7 @@ def test_linear_computes_mlx_kernels_function(bits, group_size):
 def test_re_laying_in_blocks_is_exact(out_dims, bits, monkeypatch):
     """Layers re-laid 64 rows at a time (whole blocks, a padded last block, padding-only blocks) equal
     the layer re-laid at once, and give back the stored arrays."""
-    import mlx_gpt2.cpu_quantized as cpu_quantized
+    import mlx_gpt2.backend.cpu_quantized as cpu_quantized
 
     stock = _quantized_linear(256, out_dims, bits=bits, group_size=32)
     whole = InputMajorQuantizedLinear(stock)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_gpt2 import generate, generate_step, make_sampler, stream_generate
-from mlx_gpt2.sampling import apply_min_p, apply_top_k, apply_top_p
+from mlx_gpt2 import SamplingOptions, generate, generate_step, make_sampler, stream_generate
+from mlx_gpt2.generation.sampling import apply_min_p, apply_top_k, apply_top_p
 
 PROMPT = "The animal didn't cross the street because it was"
 
@@ -53,7 +53,7 @@ def test_logprob_is_the_chosen_tokens_log_probability(small_hf, small_loaded):
 
 def test_same_seed_same_text_and_different_seed_differs(small_loaded):
     model, tokenizer = small_loaded
-    run = lambda seed: generate(model, tokenizer, PROMPT, max_tokens=25, temp=1.0, seed=seed, ignore_eos=True)
+    run = lambda seed: generate(model, tokenizer, PROMPT, max_tokens=25, sampling=SamplingOptions(temp=1.0, seed=seed), ignore_eos=True)
     assert run(7) == run(7)
     assert len({run(s) for s in (1, 2, 3)}) > 1
 
@@ -62,9 +62,10 @@ def test_stop_at_eos(small_loaded):
     model, tokenizer = small_loaded
     eos = tokenizer.eos_token_id
     # A logit bias makes <|endoftext|> certain, so the stop is forced, not hoped for.
-    responses = list(stream_generate(model, tokenizer, PROMPT, max_tokens=10, logit_bias={eos: 1e4}))
+    certain = SamplingOptions(logit_bias={eos: 1e4})
+    responses = list(stream_generate(model, tokenizer, PROMPT, max_tokens=10, sampling=certain))
     assert len(responses) == 1 and responses[0].finish_reason == "stop" and responses[0].text == ""
-    ignored = list(stream_generate(model, tokenizer, PROMPT, max_tokens=5, logit_bias={eos: 1e4}, ignore_eos=True))
+    ignored = list(stream_generate(model, tokenizer, PROMPT, max_tokens=5, sampling=certain, ignore_eos=True))
     assert [r.token for r in ignored] == [eos] * 5
 
 
@@ -144,8 +145,9 @@ def test_chunked_prefill_equals_one_shot(small_loaded):
 )
 def test_out_of_range_options_name_their_range(kwargs, message, small_loaded):
     model, tokenizer = small_loaded
-    with pytest.raises(ValueError, match=message):
-        generate(model, tokenizer, PROMPT, **{"max_tokens": 3, **kwargs})
+    max_tokens = kwargs.pop("max_tokens", 3)
+    with pytest.raises(ValueError, match=message):  # options are checked where they enter, or where the vocabulary is known
+        generate(model, tokenizer, PROMPT, max_tokens=max_tokens, sampling=SamplingOptions(**kwargs))
 
 
 def _logprobs(values):
@@ -166,16 +168,16 @@ def test_filters_keep_exactly_the_right_tokens():
 def test_sampling_follows_the_distribution():
     mx.random.seed(0)
     lp = mx.broadcast_to(_logprobs([np.log(p) for p in (0.6, 0.3, 0.1)]), (4000, 3))
-    counts = np.bincount(np.array(make_sampler(temp=1.0)(lp)), minlength=3) / 4000
+    counts = np.bincount(np.array(make_sampler(SamplingOptions(temp=1.0))(lp)), minlength=3) / 4000
     assert np.allclose(counts, [0.6, 0.3, 0.1], atol=0.03)
-    top1 = np.array(make_sampler(temp=1.0, top_k=1)(lp))
+    top1 = np.array(make_sampler(SamplingOptions(temp=1.0, top_k=1))(lp))
     assert (top1 == 0).all()
 
 
 def test_repetition_penalty_matches_transformers():
     from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-    from mlx_gpt2.sampling import make_repetition_penalty
+    from mlx_gpt2.generation.sampling import make_repetition_penalty
 
     logits = np.random.default_rng(0).normal(size=(1, 50)).astype(np.float32)
     seen = np.array([3, 7, 7, 12])
@@ -217,7 +219,7 @@ def test_sampling_chains_draw_from_transformers_warped_distribution(chain):
     mx.random.seed(0)
     n = 200_000
     lp = mx.broadcast_to(_logprobs(logits.tolist()), (n, logits.size))
-    counts = np.bincount(np.array(make_sampler(**chain)(lp)), minlength=logits.size)
+    counts = np.bincount(np.array(make_sampler(SamplingOptions(**chain))(lp)), minlength=logits.size)
     kept = expected > 0
     assert counts[~kept].sum() == 0, f"drew tokens transformers drops: {np.nonzero(counts * ~kept)[0].tolist()}"
     chi2 = (((counts - n * expected) ** 2)[kept] / (n * expected[kept])).sum()

@@ -20,7 +20,7 @@ from conftest import PEAKED
 from mlx_gpt2 import load
 from mlx_gpt2.cli import app
 from mlx_gpt2.errors import UserError
-from mlx_gpt2.inspect import lens_logits, logit_lens, next_tokens, trace
+from mlx_gpt2.analysis.trace import lens_logits, logit_lens, next_tokens, trace
 
 TEXT = "The animal didn't cross the street because it was too tired"
 # Both attention options transformers implements as separate code paths, on at once.
@@ -258,7 +258,7 @@ def test_json_has_the_documented_shape(cli_model, small_trace):
 def test_png_files_are_images_of_the_expected_size(cli_model, small_loaded, small_trace, tmp_path):
     import matplotlib.image
 
-    from mlx_gpt2 import viz
+    from mlx_gpt2.analysis import viz
 
     model, tokenizer = small_loaded
     t = small_trace

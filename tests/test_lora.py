@@ -10,6 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from mlx_gpt2 import UserError, load
@@ -106,8 +107,12 @@ def test_lora_over_a_quantized_linear_fuses_back_to_quantized_or_float():
     assert isinstance(float_fused, nn.Linear)
     print(f"dequantized fuse: max diff {np.abs(np.array(float_fused(x)) - expected).max():.3g}")
     assert np.allclose(np.array(float_fused(x)), expected, atol=1e-4)
-    assert isinstance(layer.fuse(), nn.QuantizedLinear)  # requantized: close, not equal
-    assert np.abs(np.array(layer.fuse()(x)) - expected).max() < 0.5
+    requantized = layer.fuse()
+    assert isinstance(requantized, nn.QuantizedLinear)  # requantized: close, not equal
+    update = np.abs(expected - np.array(base(x))).max()  # what the LoRA adds: a fuse that dropped it is this far off
+    error = np.abs(np.array(requantized(x)) - expected).max()
+    print(f"requantized fuse: max error {error:.3g}, the update itself {update:.3g}")
+    assert error < 0.5 * update  # 4-bit rounding of the merged weight costs some; dropping the update costs it all
 
 
 def test_too_many_layers_is_one_clear_error_and_writes_nothing(small_converted, data_dir, tmp_path):
@@ -189,9 +194,20 @@ def test_batch_order_replays_from_any_position(tmp_path, tokenizer, data_dir):
 # ---- use: load, fuse, export -------------------------------------------------------------------------
 
 def test_load_with_adapter_path_equals_the_trained_model(small_converted, trained_adapters, ids):
-    base, _ = load(small_converted)
+    """The base with every saved update merged by hand, W + scale * (A B)^T, computes what load gives."""
+    config = json.loads((trained_adapters / "adapter_config.json").read_text())
+    saved = {k: np.array(v) for k, v in mx.load(str(trained_adapters / "adapters.safetensors")).items()}
+    merged, _ = load(small_converted, layout="checkpoint")
+    weights = dict(tree_flatten(merged.parameters()))
+    for name in {k.rsplit(".", 1)[0] for k in saved}:  # h.1.attn.c_attn, ...
+        a, b = saved[f"{name}.lora_a"], saved[f"{name}.lora_b"]
+        weights[f"{name}.weight"] = mx.array(np.array(weights[f"{name}.weight"]) + config["lora"]["scale"] * (a @ b).T)
+    merged.load_weights(list(weights.items()))
     adapted, _ = load(small_converted, adapter_path=trained_adapters)
-    assert np.abs(logits(adapted, ids) - logits(base, ids)).max() > 1e-3  # training changed something
+    base, _ = load(small_converted)
+    diff = np.abs(logits(adapted, ids) - logits(merged, ids)).max()
+    print(f"adapters loaded vs merged by hand: max |logits diff| = {diff:.3g}")
+    assert diff < 1e-4 and np.abs(logits(adapted, ids) - logits(base, ids)).max() > 1e-3
 
 
 def test_fuse_writes_a_model_with_the_same_logits(small_converted, trained_adapters, tmp_path, ids):

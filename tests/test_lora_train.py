@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 
 from mlx_gpt2 import UserError, load
 from mlx_gpt2.lora import LoRASpec, apply_lora, fuse, fuse_lora, read_metrics, train
-from mlx_gpt2.quantize import is_quantized
+from mlx_gpt2.quant.quantize import is_quantized
 from test_lora import paragraphs, small_config, write_jsonl
 
 
@@ -214,9 +214,11 @@ def test_dequantize_also_turns_a_quantized_embedding_back_to_float(small_convert
 def test_full_fine_tuning_trains_every_weight(small_converted, data_dir, tmp_path, ids):
     out = tmp_path / "full"
     train(small_config(small_converted, data_dir, out, full=True, iters=1, learning_rate=1e-3), quiet=True)
-    base, _ = load(small_converted)
-    saved = adapters(out)
-    assert saved.keys() == dict(tree_flatten(base.parameters())).keys()
+    base, _ = load(small_converted, layout="checkpoint")
+    saved, before = adapters(out), {k: np.array(v) for k, v in tree_flatten(base.parameters())}
+    assert saved.keys() == before.keys()
+    unchanged = [k for k in before if np.array_equal(saved[k], before[k])]
+    assert not unchanged, f"one AdamW step left these weights as they were: {unchanged}"
     tuned, _ = load(small_converted, adapter_path=out)
     fused, _ = load(fuse(small_converted, out, tmp_path / "fused"))
     assert np.array_equal(np.array(tuned(mx.array(ids))), np.array(fused(mx.array(ids))))

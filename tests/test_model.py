@@ -51,10 +51,10 @@ def test_each_activation_equals_transformers(name):
     """Checked on the function itself: inside a random model, gelu and gelu_new differ by < 1e-4 in logits."""
     from transformers.activations import ACT2FN
 
-    from mlx_gpt2.model import _ACTIVATIONS
+    from mlx_gpt2.activations import ACTIVATIONS
 
     x = np.linspace(-8, 8, 4001, dtype=np.float32)
-    ours = np.array(_ACTIVATIONS[name](mx.array(x)))
+    ours = np.array(ACTIVATIONS[name](mx.array(x)))
     with torch.no_grad():
         ref = ACT2FN[name](torch.tensor(x)).numpy()
     diff = float(np.abs(ours - ref).max())
@@ -65,10 +65,10 @@ def test_each_activation_equals_transformers(name):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_gpt2_gelu_and_its_gradient_equal_torch_in_every_dtype(dtype):
     """GPT-2's GELU is a rational tanh with a hand-written derivative: both against torch's, rounded once."""
-    from mlx_gpt2.model import _ACTIVATIONS
+    from mlx_gpt2.activations import ACTIVATIONS
 
     x = np.linspace(-12, 12, 4801, dtype=np.float32)
-    gelu = _ACTIVATIONS["gelu_new"]
+    gelu = ACTIVATIONS["gelu_new"]
     xm = mx.array(x).astype(getattr(mx, dtype))
     ours, grad = gelu(xm), mx.grad(lambda v: gelu(v).astype(mx.float32).sum())(xm)
     assert ours.dtype == grad.dtype == xm.dtype
@@ -83,10 +83,10 @@ def test_gpt2_gelu_and_its_gradient_equal_torch_in_every_dtype(dtype):
 
 
 def test_activation_test_can_fail():
-    from mlx_gpt2.model import _ACTIVATIONS
+    from mlx_gpt2.activations import ACTIVATIONS
 
     x = mx.linspace(-3, 3, 601)
-    assert float(mx.abs(_ACTIVATIONS["gelu"](x) - _ACTIVATIONS["gelu_new"](x)).max()) > 1e-4
+    assert float(mx.abs(ACTIVATIONS["gelu"](x) - ACTIVATIONS["gelu_new"](x)).max()) > 1e-4
 
 
 def test_full_size_gpt2_matches_transformers(tmp_path):
@@ -147,3 +147,22 @@ def test_module_names_are_the_checkpoint_names(small_loaded):
 def test_config_reads_n_ctx_and_ignores_unknown_keys():
     config = GPT2Config.from_dict({"n_ctx": 256, "n_embd": 64, "n_head": 4, "n_layer": 2, "summary_type": "x"})
     assert config.n_positions == 256
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reorder_and_upcast_attn_matches_transformers_in_half_precision(dtype, tmp_path, ids):
+    """The upcast only matters below float32: computed in half precision, ours with it equals transformers'
+    eager attention with it, and is closer to it than the same model without the upcast."""
+    hf = make_hf_model({**PEAKED, "reorder_and_upcast_attn": True, "attn_implementation": "eager"}, seed=1)
+    hf = hf.to(getattr(torch, dtype))
+    with torch.no_grad():
+        reference = hf(torch.tensor(ids)).logits.float().numpy()
+    model, _ = load(write_checkpoint(hf, tmp_path / "m", "hub"), dtype=dtype)
+    assert all(block.attn.upcast for block in model.h)
+    diff = lambda m: float(np.abs(np.array(m(mx.array(ids)).astype(mx.float32)) - reference).max())
+    with_upcast = diff(model)
+    for block in model.h:
+        block.attn.upcast = False
+    without = diff(model)
+    print(f"{dtype}: max |logits - transformers| {with_upcast:.3g} with the upcast, {without:.3g} without")
+    assert with_upcast < without and with_upcast < (0.05 if dtype == "float16" else 0.5)

@@ -12,7 +12,8 @@ from mlx_gpt2 import (
     UserError, generate, load, load_prompt_cache, make_prompt_cache, save_prompt_cache, stream_generate,
 )
 from mlx_gpt2.cli import app
-from mlx_gpt2.prompt_cache import cache_prompt, check_prefix, prepare_cached_prompt
+from mlx_gpt2.generation.speculative import Draft
+from mlx_gpt2.generation.prompt_cache import cache_prompt, check_prefix, prepare_cached_prompt
 
 PREFIX = "The animal didn't cross the street because it was too tired. It had walked all day in the rain."
 REST = " When night came, the animal"
@@ -53,7 +54,7 @@ def test_a_cache_works_with_a_draft_model(small_loaded, tmp_path):
     model, tokenizer = small_loaded
     cache_prompt(model, tokenizer, PREFIX, tmp_path / "c.safetensors")
     cache, ids = prepare_cached_prompt(tmp_path / "c.safetensors", model, tokenizer, REST)
-    assert tokens_of(model, tokenizer, ids, cache=cache, draft_model=model) == tokens_of(model, tokenizer, ids)
+    assert tokens_of(model, tokenizer, ids, cache=cache, draft=Draft(model)) == tokens_of(model, tokenizer, ids)
 
 
 def test_a_cache_from_another_model_is_refused(small_loaded, tmp_path):

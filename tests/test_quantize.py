@@ -14,9 +14,9 @@ from checkpoints import make_checkpoint
 from mlx_gpt2 import GPT2, CheckpointError, QuantizeConfig, UserError, load, stream_generate
 from mlx_gpt2.cli import app
 from mlx_gpt2.convert import convert
-from mlx_gpt2.cpu_quantized import QUANTIZED
+from mlx_gpt2.backend.cpu_quantized import QUANTIZED
 from mlx_gpt2.config import PRESETS
-from mlx_gpt2.quantize import MIXED_ORDER, QuantizationWarning, plan
+from mlx_gpt2.quant.quantize import MIXED_ORDER, QuantizationWarning, plan
 
 # Real English the trained model has seen the like of (Python's docs), so its predictions are confident
 # and quantization error shows up where it matters.
@@ -127,7 +127,7 @@ def test_mixed_recipe_promotes_measured_layers_under_5_bits(trained, trained_sma
 
 
 def test_fitted_scales_never_lose_to_mlx_rounding_and_keep_the_format(trained, trained_small_dir, tmp_path):
-    from mlx_gpt2.quantize import fit_affine
+    from mlx_gpt2.quant.quantize import fit_affine
 
     model, _, ids, reference = trained
     w = model.wte.weight
@@ -156,7 +156,7 @@ def test_fitted_scales_never_lose_to_mlx_rounding_and_keep_the_format(trained, t
 
 def test_many_row_products_dequantize_on_the_cpu_with_the_kernels_numbers(trained_small_dir, monkeypatch):
     """Prefill-sized quantized products go through BLAS with the weight dequantized (2x faster here)."""
-    import mlx_gpt2.cpu_quantized as cpu_quantized
+    import mlx_gpt2.backend.cpu_quantized as cpu_quantized
 
     model, _ = load(trained_small_dir, dtype="float32", quantize=True)
     assert type(model.h[0].attn.c_attn) is cpu_quantized.InputMajorQuantizedLinear
@@ -179,11 +179,40 @@ def test_many_row_products_dequantize_on_the_cpu_with_the_kernels_numbers(traine
         assert diff <= 1e-4
 
 
+def planned_bits_per_weight(config, layers) -> float:
+    """The bits per weight a plan stores, from shapes alone: packed levels, a float16 scale and bias per group,
+    float32 for everything left in float (what `convert` writes for a float32 checkpoint)."""
+    import math
+
+    from mlx_gpt2.convert.weights import expected_shapes
+
+    bits = weights = 0
+    for name, shape in expected_shapes(config).items():
+        n = math.prod(shape)
+        weights += n
+        params = layers.get(name.rsplit(".", 1)[0]) if name.endswith(".weight") else None
+        bits += n * params["bits"] + 2 * 16 * n // params["group_size"] if params else 32 * n
+    return bits / weights
+
+
+def test_the_planned_bits_are_what_convert_writes(small_dir, tmp_path):
+    from mlx_gpt2.config import GPT2Config
+
+    out = convert(small_dir, tmp_path / "q", quantize=True)
+    written = json.loads((out / "config.json").read_text())["mlx_gpt2"]["quantization"]["bits_per_weight"]
+    config = GPT2Config.from_file(small_dir / "config.json")
+    assert abs(planned_bits_per_weight(config, plan(GPT2(config), QuantizeConfig())) - written) < 1e-3
+
+
 def test_mixed_recipe_fits_gpt2_under_5_bits():
     model = GPT2(PRESETS["gpt2"])  # lazy: only shapes, nothing allocated
     layers = plan(model, QuantizeConfig(recipe="mixed"))
     eights = [path for path, params in layers.items() if params and params["bits"] == 8]
     assert eights == ["h.0.attn.c_attn", "h.0.attn.c_proj", "h.1.attn.c_attn", "h.11.attn.c_attn"]
+    bits = planned_bits_per_weight(PRESETS["gpt2"], layers)
+    plain = planned_bits_per_weight(PRESETS["gpt2"], plan(model, QuantizeConfig()))
+    print(f"gpt2's shape: mixed {bits:.3f} bits per weight, plain 4-bit {plain:.3f}")
+    assert plain < bits < 5.0
 
 
 def test_group_size_fallback_is_reported_and_recorded(tmp_path):
@@ -266,7 +295,7 @@ def test_quantized_layers_are_standard_mlx_layers_as_stored(trained_small_dir):
     MLX's parameters and the arrays on disk."""
     from mlx.utils import tree_flatten
 
-    from mlx_gpt2.cpu_quantized import CPUQuantizedEmbedding, CPUQuantizedLinear, use_stored_layout
+    from mlx_gpt2.backend.cpu_quantized import CPUQuantizedEmbedding, CPUQuantizedLinear, use_stored_layout
 
     as_stored, _ = load(trained_small_dir, quantize=True, layout="checkpoint")
     kinds = {type(m) for _, m in as_stored.named_modules() if "Quantized" in type(m).__name__}

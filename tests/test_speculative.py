@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_gpt2 import GPT2, UserError, generate, generate_step, speculative_generate_step, stream_generate
-from mlx_gpt2.speculative import _Distribution, _Speculator
+from mlx_gpt2 import GPT2, SamplingOptions, UserError, generate, generate_step, speculative_generate_step, stream_generate
+from mlx_gpt2.generation.speculative import Draft, _Distribution, _Speculator
 
 PROMPT = "The animal didn't cross the street because it was"
 
@@ -46,7 +46,7 @@ def test_greedy_output_equals_plain_generation_with_rejections(small_loaded, sha
     expected = plain(model, ids, 32)
     accepted = {}
     for name, draft in (("shallow", shallow_draft), ("unrelated", unrelated_draft)):
-        steps = list(speculative_generate_step(ids, model, draft, num_draft=num_draft, max_tokens=32))
+        steps = list(speculative_generate_step(ids, model, Draft(draft, num_draft=num_draft), max_tokens=32))
         assert [t for t, _, _ in steps] == expected, name
         accepted[name] = sum(d for *_, d in steps)
     assert 0 < accepted["shallow"] < 32 - 32 // (num_draft + 1)  # some proposals kept, some rejected
@@ -55,7 +55,7 @@ def test_greedy_output_equals_plain_generation_with_rejections(small_loaded, sha
 def test_a_draft_equal_to_the_target_has_every_proposal_accepted(small_loaded):
     model, tokenizer = small_loaded
     ids = tokenizer.encode(PROMPT)
-    steps = list(speculative_generate_step(ids, model, model, num_draft=4, max_tokens=30))
+    steps = list(speculative_generate_step(ids, model, Draft(model, num_draft=4), max_tokens=30))
     assert [t for t, _, _ in steps] == plain(model, ids, 30)
     assert sum(d for *_, d in steps) == 30 - 30 // 5  # each round of 5 tokens: 4 drafted + the target's own
 
@@ -63,7 +63,7 @@ def test_a_draft_equal_to_the_target_has_every_proposal_accepted(small_loaded):
 def test_log_probs_are_the_targets(small_loaded, shallow_draft):
     model, tokenizer = small_loaded
     ids = tokenizer.encode(PROMPT)
-    ours = [lp for _, lp, _ in speculative_generate_step(ids, model, shallow_draft, num_draft=3, max_tokens=12)]
+    ours = [lp for _, lp, _ in speculative_generate_step(ids, model, Draft(shallow_draft, num_draft=3), max_tokens=12)]
     ref = [lp for _, lp in generate_step(ids, model, max_tokens=12)]
     diff = max(float(mx.abs(a - b).max()) for a, b in zip(ours, ref))
     assert diff < 1e-4, f"max difference {diff}"
@@ -71,14 +71,14 @@ def test_log_probs_are_the_targets(small_loaded, shallow_draft):
 
 def test_stream_generate_with_a_draft_matches_plain_text_stops_and_processors(small_loaded, shallow_draft):
     model, tokenizer = small_loaded
-    options = dict(max_tokens=30, repetition_penalty=1.3, logit_bias={11: 2.0}, ignore_eos=True)
-    assert generate(model, tokenizer, PROMPT, draft_model=shallow_draft, num_draft=3, **options) == generate(
+    options = dict(max_tokens=30, sampling=SamplingOptions(repetition_penalty=1.3, logit_bias={11: 2.0}), ignore_eos=True)
+    assert generate(model, tokenizer, PROMPT, draft=Draft(shallow_draft, num_draft=3), **options) == generate(
         model, tokenizer, PROMPT, **options
     )
     full = generate(model, tokenizer, PROMPT, max_tokens=30, ignore_eos=True)
     stop = full[10:14]
     responses = list(stream_generate(model, tokenizer, PROMPT, max_tokens=30, stop=stop, ignore_eos=True,
-                                     draft_model=shallow_draft, num_draft=2))
+                                     draft=Draft(shallow_draft, num_draft=2)))
     assert "".join(r.text for r in responses) == full[: full.index(stop)]
     assert responses[-1].finish_reason == "stop"
 
@@ -86,7 +86,7 @@ def test_stream_generate_with_a_draft_matches_plain_text_stops_and_processors(sm
 def test_sliding_and_stopping_at_the_window_match_plain_generation(small_loaded, shallow_draft):
     model, tokenizer = small_loaded
     ids = tokenizer.encode(PROMPT * 9)  # 99 tokens of a 128-token window: the window slides during generation
-    spec = lambda **o: [t for t, _, _ in speculative_generate_step(ids, model, shallow_draft, num_draft=4, **o)]
+    spec = lambda **o: [t for t, _, _ in speculative_generate_step(ids, model, Draft(shallow_draft, num_draft=4), **o)]
     assert spec(max_tokens=45) == plain(model, ids, 45)
     stopped = spec(max_tokens=45, on_overflow="stop")
     assert stopped == plain(model, ids, 45, on_overflow="stop") and len(stopped) == 128 - len(ids) + 1
@@ -97,7 +97,7 @@ def test_sampling_rule_draws_from_the_targets_distribution():
     p = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
     q = mx.log(mx.array([[0.1, 0.6, 0.1, 0.2]]))
     spec = _Speculator.__new__(_Speculator)
-    spec.dist = _Distribution(1.0, 0, 1.0, 0.0)
+    spec.dist = _Distribution(SamplingOptions(temp=1.0))
     mx.random.seed(0)
     n = 3000
     drafts = mx.random.categorical(q[0], shape=(n,))
@@ -109,8 +109,9 @@ def test_sampling_rule_draws_from_the_targets_distribution():
 def test_sampling_with_a_seed_is_reproducible_and_an_identical_draft_is_always_kept(small_loaded, shallow_draft):
     model, tokenizer = small_loaded
     run = lambda draft, seed: [
-        (r.token, r.from_draft) for r in stream_generate(model, tokenizer, PROMPT, max_tokens=20, temp=0.9,
-                                                         seed=seed, ignore_eos=True, draft_model=draft, num_draft=3)
+        (r.token, r.from_draft) for r in stream_generate(model, tokenizer, PROMPT, max_tokens=20,
+                                                         sampling=SamplingOptions(temp=0.9, seed=seed), ignore_eos=True,
+                                                         draft=Draft(draft, num_draft=3))
     ]
     assert run(shallow_draft, 1) == run(shallow_draft, 1) != run(shallow_draft, 2)
     assert sum(d for _, d in run(model, 1)) == 20 - 20 // 4
@@ -120,12 +121,12 @@ def test_bad_drafts_and_options_are_refused(small_loaded):
     model, tokenizer = small_loaded
     ids = tokenizer.encode(PROMPT)
     with pytest.raises(ValueError, match="num_draft must be an integer >= 1"):
-        next(speculative_generate_step(ids, model, model, num_draft=0))
+        Draft(model, num_draft=0)
     other_vocab = GPT2(dataclasses.replace(model.config, vocab_size=1000, n_layer=1))
     with pytest.raises(UserError, match="vocabulary"):
-        next(speculative_generate_step(ids, model, other_vocab))
+        next(speculative_generate_step(ids, model, Draft(other_vocab)))
     short = GPT2(dataclasses.replace(model.config, n_positions=64, n_layer=1))
     with pytest.raises(UserError, match="window"):
-        next(speculative_generate_step(ids, model, short))
+        next(speculative_generate_step(ids, model, Draft(short)))
     with pytest.raises(ValueError, match="temp must be >= 0"):
-        next(speculative_generate_step(ids, model, model, temp=-1.0))
+        SamplingOptions(temp=-1.0)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_small import held_out_text, with_tokenizer  # noqa: E402
 
 from mlx_gpt2 import load  # noqa: E402
-from mlx_gpt2.quantize import layer_params  # noqa: E402
+from mlx_gpt2.quant.quantize import layer_params  # noqa: E402
 
 
 def log_probs(model, windows: mx.array) -> list[mx.array]:

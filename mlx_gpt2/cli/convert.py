@@ -36,7 +36,7 @@ def convert(
     """
     from ..config import read_config_json
     from ..convert import convert as run_convert
-    from ..quantize import QuantizeConfig
+    from ..quant.quantize import QuantizeConfig
 
     spec = None
     if quantize or bits is not None or group_size is not None or keep_embeddings or recipe is not None or fit_scales:

@@ -53,32 +53,37 @@ def generate(
 
     The text streams to stdout as it is generated; --verbose adds the numbers on stderr.
     """
-    from .. import load
+    from .. import SamplingOptions, load
     from ..lora.layers import recorded_base
 
     text = read_prompt(prompt, file=prompt_file)
-    bias = parse_logit_bias(logit_bias)
+    sampling = SamplingOptions(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                               logit_bias=parse_logit_bias(logit_bias), seed=seed)  # fmt: skip
     lm, tokenizer = load(recorded_base(model, adapter_path), revision=revision, dtype=dtype, adapter_path=adapter_path)
     if num_beams != 1 or length_penalty is not None or early_stopping:
         conflicts = {"--temp": temp != 0, "--top-k": top_k != 0, "--top-p": top_p != 1, "--min-p": min_p != 0,
-                     "--repetition-penalty": repetition_penalty is not None, "--logit-bias": bias, "--stop": stop,
+                     "--repetition-penalty": repetition_penalty is not None, "--logit-bias": logit_bias, "--stop": stop,
                      "--draft-model": draft_model, "--prompt-cache": prompt_cache}  # fmt: skip
-        return _generate_beams(lm, tokenizer, text, num_beams, max_tokens, length_penalty, early_stopping, ignore_eos,
+        return _generate_beams(lm, tokenizer, text, (num_beams, max_tokens, length_penalty, early_stopping, ignore_eos),
                                conflicts, verbose)  # fmt: skip
-    draft = load(draft_model, revision=None, dtype=dtype)[0] if draft_model else None
+    _stream(lm, tokenizer, text, dict(max_tokens=max_tokens, sampling=sampling, stop=stop or None, ignore_eos=ignore_eos,
+                                      on_overflow=on_overflow), prompt_cache, (draft_model, num_draft, dtype), verbose)  # fmt: skip
+
+
+def _stream(lm, tokenizer, text: str, options: dict, prompt_cache: Path | None, draft_spec: tuple, verbose: bool) -> None:
+    """Stream the text to stdout, from a prompt cache and with a draft model when asked."""
+    from .. import load, stream_generate
+    from ..generation.speculative import Draft
+
+    draft_model, num_draft, dtype = draft_spec
+    draft = Draft(load(draft_model, dtype=dtype)[0], num_draft=num_draft) if draft_model else None
     cache, ids = None, text
     if prompt_cache is not None:
-        from ..prompt_cache import prepare_cached_prompt
+        from ..generation.prompt_cache import prepare_cached_prompt
 
         cache, ids = prepare_cached_prompt(prompt_cache, lm, tokenizer, text)
-    from .. import stream_generate
-
     last, drafted = None, 0
-    for last in stream_generate(
-        lm, tokenizer, ids, max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, logit_bias=bias, seed=seed, stop=stop or None,
-        ignore_eos=ignore_eos, on_overflow=on_overflow, cache=cache, draft_model=draft, num_draft=num_draft,
-    ):
+    for last in stream_generate(lm, tokenizer, ids, cache=cache, draft=draft, **options):
         drafted += last.from_draft
         sys.stdout.write(last.text)
         sys.stdout.flush()
@@ -108,15 +113,13 @@ def blas_line() -> str:
     return f"blas: {describe_choice()}"
 
 
-def _generate_beams(
-    lm, tokenizer, text: str, num_beams: int, max_tokens: int, length_penalty: Optional[float],
-    early_stopping: bool, ignore_eos: bool, conflicts: dict, verbose: bool,
-) -> None:
+def _generate_beams(lm, tokenizer, text: str, beams: tuple, conflicts: dict, verbose: bool) -> None:
     """`generate --num-beams`: beam search is greedy and whole-sequence, so it prints its text at the end."""
     import mlx.core as mx
 
-    from ..beam import beam_search
+    from ..generation.beam import beam_search
 
+    num_beams, max_tokens, length_penalty, early_stopping, ignore_eos = beams
     if num_beams == 1:
         raise UserError("--length-penalty and --early-stopping apply to beam search: add --num-beams N (N >= 2)")
     given = [flag for flag, value in conflicts.items() if value]
@@ -156,7 +159,7 @@ def cache_prompt(
     from .. import load
     from ..convert import resolve_source
     from ..fileio import check_output, claim_output
-    from ..prompt_cache import cache_prompt as save_cache
+    from ..generation.prompt_cache import cache_prompt as save_cache
 
     check_output(out, force=force, kind="file")  # before the load: fail fast
     text = read_prompt(prompt, file=prompt_file)

@@ -17,7 +17,7 @@ import typer
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from ..inspect import LogitLens, Trace
+    from ..analysis.trace import LogitLens, Trace
     from ..model import GPT2
     from ..tokenizer import Tokenizer
 
@@ -45,7 +45,7 @@ def _prepare(model: str, text: str, png: Optional[Path], force: bool) -> tuple[G
     if png is not None:
         from ..convert import resolve_source
         from ..fileio import check_output
-        from ..viz import require_matplotlib
+        from ..analysis.viz import require_matplotlib
 
         require_matplotlib()
         check_output(png, force=force, inputs=[resolve_source(model)], kind="file")
@@ -58,7 +58,7 @@ def _prepare(model: str, text: str, png: Optional[Path], force: bool) -> tuple[G
 
 def _save(figure: Figure, png: Path, force: bool) -> None:
     from ..fileio import claim_output
-    from ..viz import save_png
+    from ..analysis.viz import save_png
 
     with claim_output(png, force=force, kind="file") as path:
         typer.echo(f"wrote {save_png(figure, path)}", err=True)  # stderr, so --json output stays pure
@@ -124,7 +124,7 @@ def attention(
     force: bool = ForceOpt,
 ) -> None:
     """Attention probabilities of one head, or of every head of a layer."""
-    from ..inspect import check_index, trace
+    from ..analysis.trace import check_index, trace
 
     lm, tokenizer, text = _prepare(model, text, png, force)
     check_index("--layer", layer, lm.config.n_layer, "layers")
@@ -138,7 +138,7 @@ def attention(
     else:
         typer.echo(_heads_table(t, layer) if head is None else _attention_table(t, layer, head))
     if png is not None:
-        from ..viz import attention_figure
+        from ..analysis.viz import attention_figure
 
         _save(attention_figure(t, layer=layer, head=head), png, force)
 
@@ -174,7 +174,7 @@ def logit_lens(
     force: bool = ForceOpt,
 ) -> None:
     """The model's guess for the next token after 0, 1, ..., n_layer blocks, at every position."""
-    from ..inspect import logit_lens as run_lens, trace
+    from ..analysis.trace import logit_lens as run_lens, trace
 
     lm, tokenizer, text = _prepare(model, text, png, force)
     t = trace(lm, tokenizer, text)
@@ -184,7 +184,7 @@ def logit_lens(
     else:
         typer.echo(_lens_table(lens))
     if png is not None:
-        from ..viz import logit_lens_figure
+        from ..analysis.viz import logit_lens_figure
 
         _save(logit_lens_figure(lens), png, force)
 
@@ -199,7 +199,7 @@ def next_token(
     force: bool = ForceOpt,
 ) -> None:
     """The most likely next tokens after TEXT, with their probabilities."""
-    from ..inspect import encode, next_tokens
+    from ..analysis.trace import encode, next_tokens
 
     lm, tokenizer, text = _prepare(model, text, png, force)
     ids = encode(lm, tokenizer, text)
@@ -216,7 +216,7 @@ def next_token(
         title = f"next token after {prompt} ({len(ids)} tokens)"
         typer.echo(title + "\n" + _table(["rank", "token", "id", "prob"], rows))
     if png is not None:
-        from ..viz import next_tokens_figure
+        from ..analysis.viz import next_tokens_figure
 
         _save(next_tokens_figure(candidates, tokens), png, force)
 
@@ -243,7 +243,7 @@ def embeddings(
     force: bool = ForceOpt,
 ) -> None:
     """Token embeddings, position embeddings and their sum for each token of TEXT."""
-    from ..inspect import trace
+    from ..analysis.trace import trace
 
     lm, tokenizer, text = _prepare(model, text, png, force)
     t = trace(lm, tokenizer, text)
@@ -255,6 +255,6 @@ def embeddings(
     else:
         typer.echo(_embeddings_table(t, lm))
     if png is not None:
-        from ..viz import embeddings_figure
+        from ..analysis.viz import embeddings_figure
 
         _save(embeddings_figure(t), png, force)

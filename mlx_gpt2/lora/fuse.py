@@ -12,13 +12,13 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ..backend import parse_dtype
 from ..config import read_config_json
 from ..convert import read_model_dir, resolve_source, write_model_dir
-from ..convert.convert import parse_dtype
 from ..errors import UserError
 from ..fileio import check_output, claim_output
 from ..model import GPT2
-from ..quantize import QuantizeConfig, is_quantized, plan, to_config
+from ..quant.quantize import QuantizeConfig, is_quantized, plan, to_config
 from .layers import fuse_lora, read_adapter_config, recorded_base
 
 FORMAT_VERSION = 1

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..cpu_quantized import dequantized_weight, use_stored_layout
+from ..backend.cpu_quantized import dequantized_weight, use_stored_layout
 from ..convert.weights import check_finite
 from ..errors import UserError
 from ..fileio import read_json
@@ -231,7 +231,7 @@ def base_of_record(model: str) -> str:
 def check_base(model: nn.Module, adapter_path: str | Path, given: str) -> None:
     """Warn when `model` is not the base the adapters were trained on: shapes that fit prove nothing, so the
     weights' fingerprint (as prompt caches use) is compared with the one training recorded."""
-    from ..prompt_cache import model_fingerprint
+    from ..generation.prompt_cache import model_fingerprint
 
     recorded = read_adapter_config(adapter_path)
     expected = recorded.get("base_fingerprint")

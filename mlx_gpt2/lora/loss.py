@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..cpu_quantized import dequantized_head
+from ..backend.cpu_quantized import dequantized_head
 
 LOSS_CHUNK = 64  # tokens per slice of the head (see below for why so few)
 

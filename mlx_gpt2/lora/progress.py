@@ -46,13 +46,13 @@ class Progress:
     def warn(self, text: str) -> None:
         tqdm.write(f"warning: {text}", file=sys.stderr)
 
-    def start(self, model: nn.Module, data: Any, settings: dict[str, Any], step: int) -> None:
+    def start(self, model: nn.Module, data: Any, max_seq_length: int, step: int) -> None:
         total, trainable = count_parameters(model)
         tokens = sum(len(t) for t, _ in data.train)
         self._line(
             f"trainable parameters: {trainable / 1e6:.3f}M of {total / 1e6:.1f}M ({100 * trainable / total:.2f}%); "
             f"data: {len(data.train)} training rows ({tokens} tokens), {len(data.valid)} validation rows, "
-            f"up to {settings['max_seq_length']} tokens each"
+            f"up to {max_seq_length} tokens each"
         )
         if step:
             self._line(f"resuming at step {step} of {self.total}")

@@ -23,17 +23,17 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-from ..convert.convert import parse_dtype
+from ..backend import parse_dtype
 from ..errors import UserError
 from ..convert.weights import nonfinite
 from ..fileio import output_lock
-from ..quantize import QuantizeConfig
+from ..quant.quantize import QuantizeConfig
 from .checkpoint import (
     METRICS, TrainState, append_metrics, checkpoint_step, has_checkpoint, load_checkpoint, rng_key, save_checkpoint, set_rng_key,
     truncate_metrics,
 )
 from .data import Batch, Data, iterate_train, iterate_valid, load_data
-from ..prompt_cache import model_fingerprint
+from ..generation.prompt_cache import model_fingerprint
 from .layers import LORA_KEYS, LoRASpec, apply_lora, base_of_record, check_adapter_weights, check_spec, trainable_weights
 from .loss import head_is_trainable, loss_fn
 from .progress import Progress
@@ -129,11 +129,50 @@ def check_config(c: TrainConfig) -> None:
     parse_dtype(c.dtype)
 
 
-def resolve(c: TrainConfig, n_layer: int, window: int, saved: dict[str, Any] | None) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """A run's options with every default made concrete (`resolve`): what the run computes with, and what
+    adapter_config.json records under "train" (`to_dict`) so that `--resume` can check it is the same run."""
+
+    model: str
+    data: str
+    adapter_path: str
+    iters: int
+    batch_size: int
+    learning_rate: float
+    max_seq_length: int
+    seed: int
+    resume: bool
+    num_layers: int
+    lora_keys: tuple[str, ...]
+    rank: int
+    alpha: float | None
+    scale: float
+    dropout: float
+    full: bool
+    grad_accum: int
+    micro_batch_size: int
+    grad_clip: float | None
+    warmup: int
+    weight_decay: float
+    grad_checkpoint: bool
+    steps_per_report: int
+    steps_per_eval: int
+    val_batches: int
+    save_every: int
+    pack: bool
+    quantize: dict[str, Any] | None
+    dtype: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "lora_keys": list(self.lora_keys)}
+
+
+def resolve(c: TrainConfig, n_layer: int, window: int, saved: dict[str, Any] | None) -> RunSettings:
     """The config with every `None` made concrete: from the checkpoint when resuming, else the defaults."""
     saved = saved or {}
     values = dataclasses.asdict(c)
-    values["lora_keys"] = list(c.lora_keys)
+    values["lora_keys"] = tuple(c.lora_keys)
     quantize = QuantizeConfig.coerce(c.quantize)
     values["quantize"] = dataclasses.asdict(quantize) if quantize else None
     defaults = {
@@ -150,7 +189,7 @@ def resolve(c: TrainConfig, n_layer: int, window: int, saved: dict[str, Any] | N
             values[name] = saved.get(name, default)
     if values["max_seq_length"] > window:
         raise UserError(f"--max-seq-length {values['max_seq_length']} is longer than this model's window of {window} tokens")
-    return values
+    return RunSettings(**values)
 
 
 def train(
@@ -176,24 +215,24 @@ def _train(config: TrainConfig, out: Path, on_step: Callable[[int, float], None]
     model, tokenizer = load(config.model, quantize=config.quantize, dtype=config.dtype)
     saved = load_checkpoint(out) if config.resume else None
     settings = resolve(config, len(model.h), model.config.n_positions, saved[2]["train"] if saved else None)
-    spec = LoRASpec(num_layers=settings["num_layers"], keys=tuple(settings["lora_keys"]), rank=config.rank,
-                    scale=settings["scale"], dropout=config.dropout, full=config.full)  # fmt: skip
+    spec = LoRASpec(num_layers=settings.num_layers, keys=settings.lora_keys, rank=settings.rank, scale=settings.scale,
+                    dropout=settings.dropout, full=settings.full)  # fmt: skip
     check_spec(spec, len(model.h), model.config.n_embd)
-    data = load_data(config.data, tokenizer, max_seq_length=settings["max_seq_length"], pack=config.pack,
+    data = load_data(config.data, tokenizer, max_seq_length=settings.max_seq_length, pack=settings.pack,
                      on_warning=progress.warn)  # fmt: skip
     base_fingerprint = model_fingerprint(model)  # before LoRA: `generate`/`fuse` compare their base with it
     mx.random.seed(config.seed)
     apply_lora(model, spec)
-    optimizer = make_optimizer(settings, config.iters)
+    optimizer = make_optimizer(settings)
     optimizer.init(model.trainable_parameters())
     adapter_config = {"format_version": FORMAT_VERSION, "base_model": base_of_record(config.model),
                       "base_fingerprint": base_fingerprint, "lora": spec.to_dict(),
-                      "quantize": settings["quantize"], "train": settings}  # fmt: skip
+                      "quantize": settings.quantize, "train": settings.to_dict()}  # fmt: skip
     state = TrainState(rng=rng_key(), data_fingerprint=data.fingerprint())
     if saved is not None:
         state = restore(out, saved, model, optimizer, adapter_config, data, progress)
-    progress.start(model, data, settings, state.step)
-    trainer = Trainer(config, settings, model, optimizer, data, out, adapter_config, state, progress, on_step)
+    progress.start(model, data, settings.max_seq_length, state.step)
+    trainer = Trainer(settings, model, optimizer, data, out, adapter_config, state, progress, on_step)
     return trainer.run()
 
 
@@ -226,9 +265,9 @@ def lr_schedule(peak: float, iters: int, warmup: int) -> Callable[[mx.array], mx
     return schedule
 
 
-def make_optimizer(settings: dict[str, Any], iters: int) -> optim.AdamW:
-    schedule = lr_schedule(settings["learning_rate"], iters, settings["warmup"])
-    return optim.AdamW(learning_rate=schedule, weight_decay=settings["weight_decay"])
+def make_optimizer(settings: RunSettings) -> optim.AdamW:
+    schedule = lr_schedule(settings.learning_rate, settings.iters, settings.warmup)
+    return optim.AdamW(learning_rate=schedule, weight_decay=settings.weight_decay)
 
 
 def restore(out: Path, saved: tuple, model: nn.Module, optimizer: optim.Optimizer, adapter_config: dict,
@@ -255,20 +294,20 @@ def restore(out: Path, saved: tuple, model: nn.Module, optimizer: optim.Optimize
     return state
 
 
-def make_step(model: nn.Module, optimizer: optim.Optimizer, settings: dict[str, Any], checkpoint: bool) -> Step:
+def make_step(model: nn.Module, optimizer: optim.Optimizer, settings: RunSettings) -> Step:
     """Two compiled functions over the model, optimizer and RNG state: gradients of a micro-batch, and the update.
 
     Gradients are of the *summed* token loss; the update divides by the step's token count, so a batch split
     into micro-batches (or accumulated over several) trains exactly as one batch of all its rows would.
     """
-    loss = functools.partial(loss_fn, checkpoint=checkpoint, fused_head=not head_is_trainable(model))
+    loss = functools.partial(loss_fn, checkpoint=settings.grad_checkpoint, fused_head=not head_is_trainable(model))
 
     def summed(model: nn.Module, *batch: mx.array) -> tuple[mx.array, mx.array]:
         mean, n_tokens = loss(model, *batch)
         return mean * n_tokens, n_tokens
 
     loss_and_grad = nn.value_and_grad(model, summed)
-    clip = settings["grad_clip"]
+    clip = settings.grad_clip
     state = [model.state, optimizer.state, mx.random.state]
 
     @functools.partial(mx.compile, inputs=state, outputs=state)
@@ -331,10 +370,10 @@ def stop_at_step_boundary() -> Iterator[dict[str, bool]]:
 class Trainer:
     """The loop: steps, reports, validation, checkpoints; each in its own method."""
 
-    def __init__(self, config: TrainConfig, settings: dict, model: nn.Module, optimizer: optim.Optimizer, data: Data,
-                 out: Path, adapter_config: dict, state: TrainState, progress: Progress,
+    def __init__(self, settings: RunSettings, model: nn.Module, optimizer: optim.Optimizer, data: Data, out: Path,
+                 adapter_config: dict, state: TrainState, progress: Progress,
                  on_step: Callable[[int, float], None] | None) -> None:  # fmt: skip
-        self.config, self.settings, self.model, self.optimizer, self.data = config, settings, model, optimizer, data
+        self.settings, self.model, self.optimizer, self.data = settings, model, optimizer, data
         self.out, self.adapter_config, self.state, self.progress, self.on_step = out, adapter_config, state, progress, on_step
         self.losses: list[float] = []
         self.val_losses: list[tuple[int, float]] = []
@@ -345,15 +384,15 @@ class Trainer:
 
     def run(self) -> TrainResult:
         s = self.settings
-        batches = iterate_train(self.data.train, s["batch_size"], s["max_seq_length"], seed=s["seed"],
+        batches = iterate_train(self.data.train, s.batch_size, s.max_seq_length, seed=s.seed,
                                 start=self.state.batches_seen)  # fmt: skip
-        step = make_step(self.model, self.optimizer, s, self.config.grad_checkpoint)
+        step = make_step(self.model, self.optimizer, s)
         mx.reset_peak_memory()
         if self.state.step == 0:
             self.validate()
         with stop_at_step_boundary() as stop:
             try:
-                while self.state.step < self.config.iters:
+                while self.state.step < self.settings.iters:
                     loss = self.train_step(step, batches)
                     self.after_step(loss)
                     if stop["requested"]:
@@ -372,8 +411,8 @@ class Trainer:
         self.model.train()
         tic = time.perf_counter()
         accumulated, losses, counts = None, [], []
-        rows = self.settings["micro_batch_size"]
-        for _ in range(self.settings["grad_accum"]):
+        rows = self.settings.micro_batch_size
+        for _ in range(self.settings.grad_accum):
             batch = next(batches)
             for i in range(0, batch.inputs.shape[0], rows):
                 self.probe = (batch.inputs[i : i + rows], batch.targets[i : i + rows], batch.mask[i : i + rows])
@@ -391,7 +430,7 @@ class Trainer:
             self.diverged(f"the training loss became {loss} at step {self.state.step + 1}")
         elapsed = time.perf_counter() - tic
         self.state.step += 1
-        self.state.batches_seen += self.settings["grad_accum"]
+        self.state.batches_seen += self.settings.grad_accum
         self.state.trained_tokens += tokens
         self.state.rng = rng_key()
         self.window.append((loss, tokens))
@@ -402,7 +441,7 @@ class Trainer:
         return loss
 
     def after_step(self, loss: float) -> None:
-        step, c = self.state.step, self.config
+        step, c = self.state.step, self.settings
         last = step == c.iters
         self.progress.tick(step, loss, self.window_tokens / max(self.window_time, 1e-9))
         if step % c.steps_per_report == 0 or last:
@@ -428,14 +467,14 @@ class Trainer:
         self.window, self.window_time, self.window_tokens = [], 0.0, 0
 
     def validate(self) -> None:
-        if not self.data.valid or self.config.val_batches == 0:
+        if not self.data.valid or self.settings.val_batches == 0:
             return
         s, tic = self.settings, time.perf_counter()
         self.model.eval()
-        n = self.config.val_batches
-        batches = -(-len(self.data.valid) // s["batch_size"])  # ceil
+        n = self.settings.val_batches
+        batches = -(-len(self.data.valid) // s.batch_size)  # ceil
         feed = self.progress.validating(batches if n < 0 else min(n, batches))
-        loss = evaluate(self.model, iterate_valid(self.data.valid, s["batch_size"], s["max_seq_length"], n), feed)
+        loss = evaluate(self.model, iterate_valid(self.data.valid, s.batch_size, s.max_seq_length, n), feed)
         if loss is None:
             return
         record = {"step": self.state.step, "val_loss": loss, "val_time": time.perf_counter() - tic}

@@ -1,4 +1,4 @@
-"""mlx-gpt2 against mlx-lm (and transformers) on the same checkpoints: `mlx-gpt2 bench`.
+"""mlx-gpt2 against mlx-lm (and transformers) on the same checkpoints: `python -m benchmarks` (`mlx-gpt2 bench`).
 
 For each shape, a Hub-format GPT-2 with random weights is written once (transformers, fixed seed) and
 converted by both converters for each dtype (timed). Then, run after run, the engines take turns -- the
@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from mlx_gpt2.errors import UserError
+
 from . import bench_runs
 from .bench_runs import DTYPES, ENGINES, SHAPES
-from .errors import UserError
 
+REPO = Path(__file__).resolve().parents[1]  # where `python -m benchmarks.bench_runs` is found
 METRICS = ("load_s", "prefill_tps", "prefill_cpu_s", "decode_tps", "decode_cpu_ms", "peak_gb", "rss_peak_gb")
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -88,7 +90,8 @@ def run_step(spec: dict, isolate: bool) -> dict:
             return {"seconds": bench_runs.convert(spec["engine"], Path(spec["source"]), Path(spec["out"]), spec["dtype"])}
         return bench_runs.measure(spec)
     proc = subprocess.run(
-        [sys.executable, "-m", "mlx_gpt2.bench_runs", json.dumps(spec)], capture_output=True, text=True,
+        [sys.executable, "-m", "benchmarks.bench_runs", json.dumps(spec)], capture_output=True, text=True,
+        cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
     )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -135,7 +138,7 @@ def _measure_spec(engine: str, directory: Path, dtype: str, batch: int, options:
 
 def _batch_available() -> bool:
     try:
-        from .batch import batch_generate_response  # noqa: F401  (the capabilities half of issue 5)
+        from mlx_gpt2.generation.batch import batch_generate_response  # noqa: F401  (the capabilities half of issue 5)
     except ImportError:
         return False
     return True
@@ -143,7 +146,7 @@ def _batch_available() -> bool:
 
 def benchmark(options: BenchOptions, log: Callable[[str], None] = print) -> dict:
     """Run the whole matrix; return the JSON record (machine, options, every run, conversions)."""
-    from .doctor import machine_info
+    from mlx_gpt2.doctor import machine_info
 
     record = {"machine": machine_info(), "options": _jsonable(options), "runs": [], "conversions": [],
               "pending": [], "notes": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -170,8 +173,8 @@ def benchmark(options: BenchOptions, log: Callable[[str], None] = print) -> dict
 
 def mlx_lm_cannot_read(directory: Path) -> str | None:
     """Why mlx-lm's GPT-2 cannot load this Hub-format checkpoint, or None if it can (mlx-lm 0.32)."""
-    from .config import read_config_json
-    from .convert.read import read_tensors
+    from mlx_gpt2.config import read_config_json
+    from mlx_gpt2.convert.read import read_tensors
 
     if "n_ctx" not in read_config_json(Path(directory) / "config.json"):
         return "its config.json has no n_ctx, which mlx-lm's GPT-2 requires (transformers' save_pretrained leaves it out)"

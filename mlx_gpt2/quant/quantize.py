@@ -24,10 +24,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import GPT2Config
-from .cpu_quantized import QUANTIZED, InputMajorQuantizedLinear
-from .errors import CheckpointError, UserError
-from .model import GPT2
+from ..config import GPT2Config
+from ..backend.cpu_quantized import QUANTIZED, InputMajorQuantizedLinear
+from ..errors import CheckpointError, UserError
+from ..model import GPT2
 
 BITS = (2, 3, 4, 6, 8)
 GROUP_SIZES = (32, 64, 128)

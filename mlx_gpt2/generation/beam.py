@@ -20,12 +20,12 @@ from typing import Literal, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .backend import physical_memory
+from ..backend import physical_memory
 from .batch import Batch
-from .errors import UserError
-from .generate import encode_prompt
-from .model import GPT2
-from .tokenizer import Tokenizer
+from ..errors import UserError
+from .core import encode_prompt
+from ..model import GPT2
+from ..tokenizer import Tokenizer
 
 EarlyStopping = bool | Literal["never"]
 _MASKED = np.float32(-1e9)  # transformers' "impossible" score

@@ -1,6 +1,6 @@
 """One benchmark measurement: make a checkpoint, convert it, or time one engine on it.
 
-`mlx_gpt2.bench` drives these, each in a fresh process (`python -m mlx_gpt2.bench_runs JSON`), so the
+`benchmarks.bench` drives these, each in a fresh process (`python -m benchmarks.bench_runs JSON`), so the
 load time and peak memory are those of a process that did nothing else. Every engine is timed the same
 way: load the model (weights materialised), then one greedy generation over the same random prompt with
 EOS ignored. Prefill is the time to the first new token (the prompt through the model, plus one step);
@@ -49,7 +49,7 @@ SEED = 0
 
 def tokenizer_dir() -> Path:
     """GPT-2's vocab.json + merges.txt, as shipped in the package."""
-    from .tokenizer import BUNDLED_DIR
+    from mlx_gpt2.tokenizer import BUNDLED_DIR
 
     return BUNDLED_DIR
 
@@ -84,7 +84,7 @@ def convert(engine: str, source: Path, out: Path, dtype: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
     tic = time.perf_counter()
     if engine == "mlx-gpt2":
-        from .convert import convert as ours
+        from mlx_gpt2.convert import convert as ours
 
         spec = dict(bits=bits, group_size=GROUP_SIZE, keep_embeddings=keep_embeddings) if bits else None
         ours(source, out, dtype=float_dtype, quantize=spec)
@@ -143,7 +143,7 @@ def _timed_stream(tokens) -> dict:
 
 
 def run_mlx_gpt2(directory: Path, prompt: list[int], gen_tokens: int, *, plain: bool) -> tuple[float, dict]:
-    from . import generate_step, load
+    from mlx_gpt2 import generate_step, load
 
     tic = time.perf_counter()
     model, _ = load(directory, lazy=False, layout="checkpoint" if plain else "auto",
@@ -194,8 +194,8 @@ def run_transformers(directory: Path, prompt: list[int], gen_tokens: int, dtype:
 
 
 def run_mlx_gpt2_batch(directory: Path, prompts: list[list[int]], gen_tokens: int) -> tuple[float, dict]:
-    from . import load
-    from .batch import batch_generate_response
+    from mlx_gpt2 import load
+    from mlx_gpt2.generation.batch import batch_generate_response
 
     tic = time.perf_counter()
     model, tokenizer = load(directory, lazy=False)
@@ -252,7 +252,7 @@ def measure(spec: dict) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m mlx_gpt2.bench_runs '{"command": ...}'`: run one step, print its JSON as the last line."""
+    """`python -m benchmarks.bench_runs '{"command": ...}'`: run one step, print its JSON as the last line."""
     spec = json.loads(argv[0])
     if spec["command"] == "source":
         result = {"dir": str(make_source(spec["shape"], Path(spec["dir"])))}

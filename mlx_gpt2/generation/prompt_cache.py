@@ -13,14 +13,14 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .backend import prefill_step
-from .cache import KVCache, make_cache
-from .cpu_quantized import stored_parameters
-from .convert.read import check_safetensors
-from .errors import UserError
-from .fileio import atomic_file, parse_json
-from .model import GPT2, check_ids
-from .tokenizer import Tokenizer
+from ..cache import KVCache, make_cache
+from ..backend.cpu_quantized import stored_parameters
+from ..convert.read import check_safetensors
+from ..errors import UserError
+from ..fileio import atomic_file, parse_json
+from ..model import GPT2, check_ids
+from ..tokenizer import Tokenizer
+from .core import prefill
 
 FORMAT = "mlx-gpt2-prompt-cache/1"
 
@@ -45,10 +45,7 @@ def make_prompt_cache(model: GPT2, tokens: list[int], *, prefill_step_size: int 
     if len(tokens) > window:
         raise UserError(f"the prompt to cache is {len(tokens)} tokens, longer than the model's window of {window}")
     cache = make_cache(len(model.h), len(tokens))
-    prefill_step_size = prefill_step(prefill_step_size)
-    for start in range(0, len(tokens), prefill_step_size):
-        model.hidden(mx.array(tokens[start : start + prefill_step_size])[None], cache)
-        mx.eval([c.keys for c in cache])
+    prefill(model, mx.array(tokens), cache, prefill_step_size)
     return cache
 
 

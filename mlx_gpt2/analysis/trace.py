@@ -1,9 +1,10 @@
 """Look inside GPT-2: embeddings, attention probabilities, q/k/v, the residual stream and the logit lens.
 
-`trace(model, tokenizer, text)` runs one extra forward pass, written here from the model's own submodules
-(`wte`, `wpe`, `h[i].ln_1`, `h[i].attn.c_attn`, ...), that computes attention explicitly so that its
-probabilities can be kept. The model's normal forward path is untouched and keeps using the fused
-`mx.fast.scaled_dot_product_attention`: tracing costs nothing when it is not used.
+`trace(model, tokenizer, text)` runs one extra forward pass through the model's own submodules (`wte`,
+`wpe`, `h[i].ln_1`, `h[i].attn`, ...) with each block's attention on its explicit path
+(`Attention.explicit`), which hands every intermediate to a hook, so its probabilities can be kept. The
+model's normal forward path is untouched and keeps using the fused `mx.fast.scaled_dot_product_attention`:
+tracing costs nothing when it is not used.
 
 Everything a trace returns is a numpy float32 array (whatever the model's dtype, quantized or not), so it
 plots, serializes and compares directly. A trace keeps `n_layer x n_head x L^2` attention probabilities;
@@ -18,10 +19,9 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from .config import GPT2Config
-from .errors import UserError
-from .model import GPT2, Attention, Block, check_ids
-from .tokenizer import Tokenizer
+from ..errors import UserError
+from ..model import GPT2, Block, check_ids
+from ..tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # == on numpy fields would be ambiguous
@@ -97,37 +97,19 @@ def encode(model: GPT2, tokenizer: Tokenizer, text: str | Sequence[int]) -> list
     return check_ids(ids, model.config.vocab_size, what="the text")
 
 
-def _attention(attn: Attention, config: GPT2Config, x: mx.array) -> tuple[mx.array, ...]:
-    """Attention with its probabilities kept: [1, L, D] -> (output [1, L, D], q, k, v, probs).
+def _block(block: Block, x: mx.array) -> tuple[mx.array, mx.array, tuple[mx.array, ...]]:
+    """One pre-norm block, traced: [1, L, D] -> (after attention, block output, (q, k, v, probabilities)).
 
-    The same numerics as the model's fused attention and transformers' eager one: scores = q.k^T x scale
-    (block.attn.scale folds in scale_attn_weights and scale_attn_by_inverse_layer_idx), a causal mask,
-    a softmax; reorder_and_upcast_attn computes all of it in float32 for half-precision models.
+    The attention is the model's own explicit path (`Attention.explicit`), its intermediates recorded.
     """
-    B, L, D = x.shape
-    q, k, v = mx.split(attn.c_attn(x), 3, axis=-1)
-    # [1, L, D] -> [1, n_head, L, head_dim]: the long QKV vector cut into heads
-    q, k, v = (t.reshape(B, L, config.n_head, -1).transpose(0, 2, 1, 3) for t in (q, k, v))
-    dtype = q.dtype
-    qc, kc, vc = (q, k, v)
-    if config.reorder_and_upcast_attn and dtype != mx.float32:
-        qc, kc, vc = q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32)
-    scores = (qc @ kc.transpose(0, 1, 3, 2)) * attn.scale  # [1, n_head, L, L]
-    causal = mx.tril(mx.ones((L, L), dtype=mx.bool_))
-    # -inf, not a large negative number, so the future gets exactly zero probability.
-    scores = mx.where(causal, scores, mx.array(float("-inf"), dtype=scores.dtype))
-    probs = mx.softmax(scores, axis=-1, precise=True)
-    out = (probs.astype(vc.dtype) @ vc).astype(dtype)  # [1, n_head, L, head_dim]
-    # [1, n_head, L, head_dim] -> [1, L, D]: heads concatenated back
-    out = attn.c_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
-    return out, q[0], k[0], v[0], probs[0]
+    kept: dict[str, mx.array] = {}
 
+    def record(name: str, value: mx.array) -> mx.array:
+        kept[name] = value
+        return value
 
-def _block(block: Block, config: GPT2Config, x: mx.array) -> tuple[mx.array, mx.array, tuple[mx.array, ...]]:
-    """One pre-norm block, traced: [1, L, D] -> (after attention, block output, (q, k, v, probs))."""
-    attn_out, *qkvp = _attention(block.attn, config, block.ln_1(x))
-    mid = x + attn_out
-    return mid, mid + block.mlp(block.ln_2(mid)), tuple(qkvp)
+    mid = x + block.attn.explicit(block.ln_1(x), hook=record)
+    return mid, mid + block.mlp(block.ln_2(mid)), tuple(kept[n][0] for n in ("q", "k", "v", "pattern"))
 
 
 def _numpy(x: mx.array) -> np.ndarray:
@@ -142,7 +124,7 @@ def trace(model: GPT2, tokenizer: Tokenizer, text: str | Sequence[int]) -> Trace
     x = model.embed(tokens, 0)  # the model's own embedding sum, window check included
     residual, mids, per_layer = [x], [], []
     for block in model.h:
-        mid, x, qkvp = _block(block, model.config, x)
+        mid, x, qkvp = _block(block, x)
         residual.append(x)
         mids.append(mid)
         per_layer.append(qkvp)

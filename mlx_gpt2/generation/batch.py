@@ -14,13 +14,13 @@ from typing import Callable, Sequence
 
 import mlx.core as mx
 
-from .backend import prefill_step
-from .cache import make_cache
-from .errors import UserError
-from .generate import _StopFilter, encode_prompt
-from .model import GPT2, check_ids
-from .sampling import LogitsProcessor, Sampler, check_seed, make_logit_bias, make_repetition_penalty, make_sampler
-from .tokenizer import Tokenizer
+from ..backend import prefill_step
+from ..cache import make_cache
+from ..errors import UserError
+from ..model import GPT2, check_ids
+from ..tokenizer import Tokenizer
+from .core import TextStream, check_max_tokens, encode_prompt, stop_list
+from .sampling import LogitsProcessor, Sampler, SamplingOptions, make_logit_bias, make_repetition_penalty, make_sampler
 
 
 class Batch:
@@ -114,31 +114,24 @@ class BatchResponse:
 
 
 class _Row:
-    """One prompt's text side: streaming detokenizer, stop strings, finish reason."""
+    """One prompt's side of the batch: its text stream and its history (for the repetition penalty)."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: list[str], prompt: list[int], ignore_eos: bool) -> None:
-        self.detok, self.stops = tokenizer.detokenizer(), _StopFilter(list(stops))
-        self.eos = None if ignore_eos else tokenizer.eos_token_id
+    def __init__(self, tokenizer: Tokenizer, stops: list[str], prompt: list[int], ignore_eos: bool, max_tokens: int) -> None:
+        self.stream = TextStream(tokenizer, max_tokens=max_tokens, stop=stops, ignore_eos=ignore_eos)
         self.history, self.tokens, self.pieces = list(prompt), [], []
-        self.finish: str | None = None
 
-    def add(self, token: int, max_tokens: int) -> None:
-        """Take one generated token; sets `finish` when this row is done (same rules as stream_generate)."""
+    @property
+    def finish(self) -> str | None:
+        return self.stream.finish
+
+    def add(self, token: int) -> None:
+        """Take one generated token; `finish` is set when this row is done (same rules as stream_generate)."""
         self.tokens.append(token)
         self.history.append(token)
-        if token == self.eos:
-            self.pieces.append(self.stops.flush() + self.detok.finalize())
-            self.finish = "stop"
-            return
-        text, hit = self.stops.feed(self.detok.add_token(token))
-        self.finish = "stop" if hit else ("length" if len(self.tokens) == max_tokens else None)
-        if self.finish == "length":
-            text += self.stops.feed(self.detok.finalize())[0] + self.stops.flush()
-        self.pieces.append(text)
+        self.pieces.append(self.stream.add(token))
 
     def end(self, reason: str) -> None:
-        self.pieces.append(self.stops.flush() + self.detok.finalize())
-        self.finish = reason
+        self.pieces.append(self.stream.end(reason))
 
 
 Step = Callable[..., tuple[mx.array, mx.array]]
@@ -177,7 +170,7 @@ def _decode(batch: Batch, rows: list[_Row], step: Step, logits: mx.array, max_to
             following = step(batch.forward(y[:, None]), active, y)
             mx.async_eval(*following)
         for r, token in zip(active, y.tolist()):
-            rows[r].add(token, max_tokens)
+            rows[r].add(token)
         if following is None:  # max_tokens, or the row with the least padding reached the window
             for r in active:
                 if rows[r].finish is None:
@@ -199,14 +192,7 @@ def batch_generate_response(
     prompts: Sequence[str | list[int]],
     *,
     max_tokens: int = 256,
-    temp: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    repetition_context_size: int | None = None,
-    logit_bias: dict[int, float] | None = None,
-    seed: int | None = None,
+    sampling: SamplingOptions = SamplingOptions(),
     stop: list[str] | str | None = None,
     ignore_eos: bool = False,
     prefill_step_size: int | None = None,
@@ -215,13 +201,12 @@ def batch_generate_response(
 
     Rows end with finish reason "window" when the longest one reaches the model's window (no sliding).
     """
-    if not isinstance(max_tokens, int) or max_tokens < 0:
-        raise ValueError(f"max_tokens must be an integer >= 0, got {max_tokens!r}")
-    sampler = make_sampler(temp, top_k, top_p, min_p)
-    bias = make_logit_bias(logit_bias, model.config.vocab_size) if logit_bias else None
+    check_max_tokens(max_tokens)
+    sampler = make_sampler(sampling)
+    bias = make_logit_bias(sampling.logit_bias, model.config.vocab_size) if sampling.logit_bias else None
     penalty = None
-    if repetition_penalty is not None and repetition_penalty != 1.0:
-        penalty = make_repetition_penalty(repetition_penalty, repetition_context_size)
+    if sampling.repetition_penalty is not None and sampling.repetition_penalty != 1.0:
+        penalty = make_repetition_penalty(sampling.repetition_penalty, sampling.repetition_context_size)
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     if not ids:
         raise ValueError("batch_generate needs at least one prompt")
@@ -230,10 +215,8 @@ def batch_generate_response(
             f"a prompt is {max(map(len, ids))} tokens, longer than the model's window of "
             f"{model.config.n_positions}; shorten it"
         )
-    check_seed(seed)
-    if seed is not None:
-        mx.random.seed(seed)
-    rows = [_Row(tokenizer, [stop] if isinstance(stop, str) else list(stop or []), p, ignore_eos) for p in ids]
+    sampling.seed_random()
+    rows = [_Row(tokenizer, stop_list(stop), p, ignore_eos, max_tokens) for p in ids]
     mx.reset_peak_memory()
     tic = time.perf_counter()
     batch = Batch(model, ids, pad_id=tokenizer.eos_token_id, capacity=max(map(len, ids)) + max_tokens)
@@ -258,18 +241,11 @@ def batch_generate(
     prompts: Sequence[str | list[int]],
     *,
     max_tokens: int = 256,
-    temp: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    logit_bias: dict[int, float] | None = None,
-    seed: int | None = None,
+    sampling: SamplingOptions = SamplingOptions(),
     stop: list[str] | str | None = None,
     ignore_eos: bool = False,
 ) -> list[str]:
     """The generated text of each prompt, in order (the prompts are not repeated)."""
     return batch_generate_response(
-        model, tokenizer, prompts, max_tokens=max_tokens, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, logit_bias=logit_bias, seed=seed, stop=stop, ignore_eos=ignore_eos,
+        model, tokenizer, prompts, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos,
     ).texts

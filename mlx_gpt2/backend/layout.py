@@ -1,10 +1,7 @@
-"""What is fast on the backend MLX runs on: the compute dtype and the memory layout of the weights.
+"""The memory layout of the weights that is fast on the backend MLX runs on.
 
-Two facts about MLX's CPU backend (measured in benchmarks/RESULTS.md) decide the defaults here:
+What MLX's CPU backend measured (benchmarks/RESULTS.md) decides the default here:
 
-- float16 matrix products run 3-5x slower than float32 (bfloat16 about as fast as float32, never faster;
-  float16 quantization scales make quantized products ~50x slower), so 16-bit weights and scales are
-  computed in float32 on the CPU, at twice their memory. Metal and CUDA keep the checkpoint's dtype.
 - `x @ W.T` with W stored `(out, in)` -- the layout of `nn.Linear`, and the one every checkpoint uses --
   is the slow case of the CPU matmul: reference BLAS reduces each output over a strided inner product,
   and MLX's CPU quantized kernels likewise. The same product with W's memory laid out `(in, out)` runs
@@ -15,63 +12,25 @@ Two facts about MLX's CPU backend (measured in benchmarks/RESULTS.md) decide the
   On Metal and CUDA, whose kernels are built for `x @ W.T`, weights stay as stored (no GPU was
   available to measure the other layout there).
 - MLX's CPU quantized kernels have the same asymmetry, and are slow for many rows: quantized layers get
-  their own input-major form and a BLAS path for many rows (`mlx_gpt2/cpu_quantized.py`), with the
+  their own input-major form and a BLAS path for many rows (`cpu_quantized.py` beside this file), with the
   same levels, scales and numbers as stored.
 """
 
 from __future__ import annotations
 
-import os
+import weakref
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .cpu_quantized import QUANTIZED, use_cpu_quantized
+from .device import prefers_input_major
 
 LAYOUTS = ("auto", "input-major", "checkpoint")
-# Prompt tokens per prefill chunk. On the CPU, 128-token chunks measured as fast as 512 (the reference BLAS
-# costs the same per row; chunks stay in cache) with a 10-15 MB lower peak on gpt2 (benchmarks/RESULTS.md).
-# Elsewhere 512, unmeasured (GPUs want large chunks; mlx-lm uses 2048).
-PREFILL_STEP = {"cpu": 128}
-
-
-def backend_name() -> str:
-    """"metal", "cuda" or "cpu": where MLX's default device runs."""
-    if mx.default_device() == mx.cpu:
-        return "cpu"
-    if mx.metal.is_available():
-        return "metal"
-    cuda = getattr(mx, "cuda", None)
-    return "cuda" if cuda is not None and cuda.is_available() else "gpu"
-
-
-def physical_memory() -> int:
-    """Bytes of memory this machine has (the bound no single allocation may pass)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # no sysconf (Windows): MLX's own view of the device
-        return int(mx.device_info().get("memory_size", 2**40)) if hasattr(mx, "device_info") else 2**40
-
-
-def default_dtype(checkpoint_dtype: mx.Dtype) -> mx.Dtype:
-    """The compute dtype for weights stored as `checkpoint_dtype` on the current backend.
-
-    CPU: float32 for every float checkpoint (16-bit matmuls are no faster there, float16 3-5x slower).
-    Metal and CUDA: the checkpoint's own dtype (half the memory traffic, and fast kernels).
-    """
-    if backend_name() == "cpu" and checkpoint_dtype in (mx.float16, mx.bfloat16):
-        return mx.float32
-    return checkpoint_dtype
-
-
-def prefill_step(step_size: int | None = None) -> int:
-    """`step_size`, or the backend's default prefill chunk (PREFILL_STEP) when it is None."""
-    return step_size or PREFILL_STEP.get(backend_name(), 512)
-
-
-def prefers_input_major() -> bool:
-    """True where `x @ W` with W stored (in, out) beats the checkpoint layout: MLX's CPU backend."""
-    return backend_name() == "cpu"
+# The weights this module re-laid, by the id of the layer holding them: weak, so they are forgotten with
+# their arrays, and a layer counts as done only while it still holds the very array (MLX's own modules are
+# not ours to mark).
+_RELAID: weakref.WeakValueDictionary[int, mx.array] = weakref.WeakValueDictionary()
 
 
 def resolve_layout(layout: str) -> bool:
@@ -106,10 +65,10 @@ def use_input_major(model: nn.Module, *, evaluate: bool = False) -> nn.Module:
     if type(wte) is nn.Embedding and "lm_head" not in model and not quantized:  # the tied output head
         targets.insert(0, wte)
     for module in targets:
-        if getattr(module, "_input_major", None) == id(module.weight):
-            continue  # already re-laid (a weight assigned since then has another id)
+        if _RELAID.get(id(module)) is module.weight:
+            continue  # already re-laid (a weight assigned since then is another array)
         module.weight = _input_major(module.weight)
-        module._input_major = id(module.weight)
+        _RELAID[id(module)] = module.weight
         if evaluate:
             mx.eval(module.weight)
     return model

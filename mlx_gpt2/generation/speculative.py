@@ -15,60 +15,54 @@ distribution plain sampling draws from (though not the same random draws for a s
 
 from __future__ import annotations
 
-from typing import Iterator
+import dataclasses
+from typing import Iterator, Sequence
 
 import mlx.core as mx
 
-from .cache import KVCache, make_cache
-from .errors import UserError
-from .generate import Overflow, WindowFull, _prefill, _Window, reuse_cache
-from .model import GPT2, check_ids
-from .sampling import LogitsProcessor, apply_min_p, apply_top_k, apply_top_p, validate
+from ..cache import KVCache, make_cache
+from ..errors import UserError
+from ..model import GPT2, check_ids
+from .core import Overflow, Window, WindowFull, prefill, reuse_cache
+from .sampling import Distribution, LogitsProcessor, SamplingOptions, make_distribution, make_logits_processors
 
 
-def check_draft(model: GPT2, draft_model: GPT2, num_draft: int) -> None:
+@dataclasses.dataclass(frozen=True)
+class Draft:
+    """A draft model for speculative decoding: `model` proposes up to `num_draft` tokens a round."""
+
+    model: GPT2
+    num_draft: int = 3
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_draft, int) or isinstance(self.num_draft, bool) or self.num_draft < 1:
+            raise ValueError(f"num_draft must be an integer >= 1, got {self.num_draft!r}")
+
+
+def check_draft(model: GPT2, draft: Draft) -> None:
     """Refuse a draft that cannot stand in for the target (another vocabulary, a shorter window)."""
-    if not isinstance(num_draft, int) or num_draft < 1:
-        raise ValueError(f"num_draft must be an integer >= 1, got {num_draft!r}")
-    if draft_model.config.vocab_size != model.config.vocab_size:
+    config = draft.model.config
+    if config.vocab_size != model.config.vocab_size:
         raise UserError(
-            f"the draft model's vocabulary ({draft_model.config.vocab_size}) differs from the target's "
+            f"the draft model's vocabulary ({config.vocab_size}) differs from the target's "
             f"({model.config.vocab_size}); the draft must use the same tokenizer"
         )
-    if draft_model.config.n_positions < model.config.n_positions:
+    if config.n_positions < model.config.n_positions:
         raise UserError(
-            f"the draft model's window ({draft_model.config.n_positions}) is shorter than the target's "
+            f"the draft model's window ({config.n_positions}) is shorter than the target's "
             f"({model.config.n_positions}); use a draft with at least the target's window"
         )
 
 
 class _Distribution:
-    """Processed log-probs `[N, vocab]` -> the log-probs the sampler draws from (temp, top-k/p, min-p)."""
+    """The sampling distribution both models' proposals are judged by (`make_distribution`'s)."""
 
-    def __init__(self, temp: float, top_k: int, top_p: float, min_p: float) -> None:
-        validate(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p)
-        self.temp, self.top_k, self.top_p, self.min_p = temp, top_k, top_p, min_p
-
-    @property
-    def greedy(self) -> bool:
-        return self.temp == 0
+    def __init__(self, options: SamplingOptions) -> None:
+        self.greedy = options.greedy
+        self.distribution: Distribution = make_distribution(options)
 
     def __call__(self, logprobs: mx.array) -> mx.array:
-        scaled = logprobs / self.temp
-        scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
-        if self.top_k > 0:
-            scaled = apply_top_k(scaled, self.top_k)
-        if self.top_p < 1.0:
-            scaled = apply_top_p(scaled, self.top_p)
-        if self.min_p > 0.0:
-            scaled = apply_min_p(scaled, self.min_p)
-        return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)  # renormalised over what is kept
-
-    def pick(self, logprobs: mx.array) -> mx.array:
-        """`[N, vocab]` -> `[N]` token ids: argmax when greedy, else a draw."""
-        if self.greedy:
-            return mx.argmax(logprobs, axis=-1)
-        return mx.random.categorical(self(logprobs), axis=-1)
+        return self.distribution(logprobs)
 
 
 def _normalised(logits: mx.array, processors: list[LogitsProcessor], history: mx.array) -> mx.array:
@@ -92,8 +86,8 @@ class _Speculator:
     def start(self, context: list[int]) -> None:
         """Fill both caches with all of `context` but its last token (a given target cache may hold more)."""
         reuse_cache(self.cache, context)
-        _prefill(self.model, mx.array(context[self.cache[0].offset : -1]), self.cache, self.step_size)
-        _prefill(self.draft, mx.array(context[:-1]), self.draft_cache, self.step_size)
+        prefill(self.model, mx.array(context[self.cache[0].offset : -1]), self.cache, self.step_size)
+        prefill(self.draft, mx.array(context[:-1]), self.draft_cache, self.step_size)
 
     def propose(self, history: list[int], context: list[int], k: int) -> tuple[mx.array, mx.array | None]:
         """k draft tokens `[k]` and, when sampling, the draft distributions they were drawn from `[k, vocab]`."""
@@ -153,27 +147,22 @@ class _Speculator:
         for c in self.cache + self.draft_cache:
             c.trim(c.offset - min(c.offset, context_length - 1))
 
-    def slide(self, history: list[int], window: _Window) -> int:
+    def slide(self, history: list[int], window: Window) -> int:
         """Rebuild both caches over the most recent tokens, as generate_step does; return the new start."""
         self.cache, _ = window.rebuild(history)  # raises WindowFull / UserError as on_overflow says
         recent = history[-window.keep :]
         self.draft_cache = make_cache(len(self.draft.h), window.size)
-        _prefill(self.draft, mx.array(recent[:-1]), self.draft_cache, self.step_size)
+        prefill(self.draft, mx.array(recent[:-1]), self.draft_cache, self.step_size)
         return len(history) - len(recent)
 
 
 def speculative_generate_step(
-    prompt: list[int],
+    prompt: Sequence[int],
     model: GPT2,
-    draft_model: GPT2,
+    draft: Draft,
     *,
-    num_draft: int = 3,
     max_tokens: int = 256,
-    temp: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    logits_processors: list[LogitsProcessor] | None = None,
+    sampling: SamplingOptions = SamplingOptions(),
     prefill_step_size: int | None = None,
     on_overflow: Overflow = "slide",
     cache: list[KVCache] | None = None,
@@ -183,15 +172,16 @@ def speculative_generate_step(
     The tokens are the target's: with temp 0 exactly generate_step's; with temp > 0 drawn from the same
     distribution by the speculative sampling rule. `cache` is the target's (e.g. a loaded prompt cache).
     """
-    check_draft(model, draft_model, num_draft)
-    dist = _Distribution(temp, top_k, top_p, min_p)
-    window = _Window(model, on_overflow, prefill_step_size)
+    check_draft(model, draft)
+    num_draft = draft.num_draft
+    window = Window(model, on_overflow, prefill_step_size)
     history = window.fit_prompt(check_ids(prompt, model.config.vocab_size))
     if not history:
         raise ValueError("speculative_generate_step needs at least one prompt token")
     capacity = min(window.size, len(history) + max_tokens + num_draft)
     cache = cache if cache is not None else make_cache(len(model.h), capacity)
-    spec = _Speculator(model, draft_model, dist, list(logits_processors or []), cache, capacity, prefill_step_size)
+    processors = make_logits_processors(sampling, model.config.vocab_size)
+    spec = _Speculator(model, draft.model, _Distribution(sampling), processors, cache, capacity, prefill_step_size)
     spec.start(history)
     start, emitted = 0, 0  # history[start:] is what the caches hold; it moves when the window slides
     while emitted < max_tokens:

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .errors import UserError
-from .fileio import atomic_file
-from .inspect import Candidate, LogitLens, Trace, check_index, token_label
+from ..errors import UserError
+from ..fileio import atomic_file
+from .trace import Candidate, LogitLens, Trace, check_index, token_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
