@@ -18,17 +18,18 @@ from mlx_gpt2.convert import convert
 TOKENS = 4096
 
 
-def held_out_text(tokenizer) -> str:
+def held_out_text(tokenizer, tokens: int) -> str:
     from pydoc_data.topics import topics
 
     text = "\n\n".join(topics[name] for name in sorted(topics))
-    return tokenizer.decode(tokenizer.encode(text)[:TOKENS])
+    return tokenizer.decode(tokenizer.encode(text)[:tokens])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Convert GPT-2 to 4 bits and measure what it cost.")
     parser.add_argument("model", help="Hub repo id or GPT-2 directory (float)")
     parser.add_argument("out", nargs="?", type=Path, help="where the 4-bit model goes (default: ./NAME-4bit)")
+    parser.add_argument("--tokens", type=int, default=TOKENS, help=f"tokens of Python's docs to score (default {TOKENS})")
     args = parser.parse_args()
     out = args.out or Path(Path(args.model).name + "-4bit")
 
@@ -39,7 +40,7 @@ def main() -> None:
 
     model, tokenizer = load(out)
     float_model, _ = load(args.model)
-    text = held_out_text(tokenizer)
+    text = held_out_text(tokenizer, args.tokens)
     results = {name: perplexity(m, tokenizer, text) for name, m in [("float", float_model), ("4-bit", model)]}
     for name, result in results.items():
         print(f"{name}: perplexity {result.perplexity:.3f} over {result.tokens} tokens of Python's docs")

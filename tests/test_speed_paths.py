@@ -154,6 +154,7 @@ def test_bench_quick_smoke(tmp_path):
     result = subprocess.run([str(script), "bench", "--quick", "--work-dir", str(tmp_path), "--json", str(tmp_path / "r.json")],
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("SMOKE RUN")  # its numbers mean nothing, and it says so first
     assert "| tiny | float32 | 1 | mlx-gpt2 |" in result.stdout and "| tiny | float32 | 1 | mlx-lm |" in result.stdout
     record = json.loads((tmp_path / "r.json").read_text())
     assert {r["engine"] for r in record["runs"]} == {"mlx-gpt2", "mlx-lm"}
