@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..model import GPT2, check_ids
 from ..tokenizer import Tokenizer
 from .core import TextStream, check_max_tokens, encode_prompt, stop_list
-from .sampling import LogitsProcessor, Sampler, SamplingOptions, make_logit_bias, make_repetition_penalty, make_sampler
+from .sampling import LogitsProcessor, Sampler, SamplingOptions, make_logits_processors, make_sampler
 
 
 class Batch:
@@ -137,27 +137,29 @@ class _Row:
 Step = Callable[..., tuple[mx.array, mx.array]]
 
 
-def _make_step(
-    sampler: Sampler, bias: LogitsProcessor | None, penalty: LogitsProcessor | None, rows: list[_Row]
-) -> Step:
-    """logits `[B, vocab]` -> (tokens `[B]`, their log-probs `[B]`), with per-row history for the penalty.
+def _make_step(sampler: Sampler, processors: list[LogitsProcessor], rows: list[_Row]) -> Step:
+    """logits `[B, vocab]` -> (tokens `[B]`, their log-probs `[B]`), each row processed with its own history.
 
     `last` `[B]` are the tokens just fed: the next step is queued before they reach the rows' histories.
     """
 
     def step(logits: mx.array, active: list[int], last: mx.array | None = None) -> tuple[mx.array, mx.array]:
-        if bias is not None:
-            logits = bias(mx.array([]), logits)  # the bias is the same for every row
-        if penalty is not None:  # the penalty depends on each row's own history
+        if processors:  # penalties depend on each row's own history
             seen = [mx.array(rows[r].history) for r in active]
             if last is not None:
                 seen = [mx.concatenate([h, last[i : i + 1].astype(h.dtype)]) for i, h in enumerate(seen)]
-            logits = mx.concatenate([penalty(h, logits[i : i + 1]) for i, h in enumerate(seen)])
+            logits = mx.concatenate([_processed(processors, h, logits[i : i + 1]) for i, h in enumerate(seen)])
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         tokens = sampler(logprobs)
         return tokens, mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
 
     return step
+
+
+def _processed(processors: list[LogitsProcessor], history: mx.array, logits: mx.array) -> mx.array:
+    for process in processors:
+        logits = process(history, logits)
+    return logits
 
 
 def _decode(batch: Batch, rows: list[_Row], step: Step, logits: mx.array, max_tokens: int) -> None:
@@ -203,10 +205,7 @@ def batch_generate_response(
     """
     check_max_tokens(max_tokens)
     sampler = make_sampler(sampling)
-    bias = make_logit_bias(sampling.logit_bias, model.config.vocab_size) if sampling.logit_bias else None
-    penalty = None
-    if sampling.repetition_penalty is not None and sampling.repetition_penalty != 1.0:
-        penalty = make_repetition_penalty(sampling.repetition_penalty, sampling.repetition_context_size)
+    processors = make_logits_processors(sampling, model.config.vocab_size)
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     if not ids:
         raise ValueError("batch_generate needs at least one prompt")
@@ -225,7 +224,7 @@ def batch_generate_response(
         mx.eval(logits)
     prompt_time, tic = time.perf_counter() - tic, time.perf_counter()
     if logits is not None:
-        _decode(batch, rows, _make_step(sampler, bias, penalty, rows), logits, max_tokens)
+        _decode(batch, rows, _make_step(sampler, processors, rows), logits, max_tokens)
     generated = sum(len(r.tokens) for r in rows)
     return BatchResponse(
         texts=["".join(r.pieces) for r in rows], tokens=[r.tokens for r in rows],

@@ -10,9 +10,26 @@ import mlx.core as mx
 
 from ..cache import KVCache, make_cache
 from ..model import GPT2, check_ids
+from ..numerics import log_softmax
 from ..tokenizer import Tokenizer
-from .core import Overflow, TextStream, Window, WindowFull, check_max_tokens, encode_prompt, prefill, reuse_cache
-from .sampling import LogitsProcessor, Sampler, SamplingOptions, greedy, make_logits_processors, make_sampler
+from .core import (
+    Overflow,
+    TextStream,
+    Window,
+    WindowFull,
+    check_max_tokens,
+    encode_prompt,
+    prefill,
+    reuse_cache,
+)
+from .sampling import (
+    LogitsProcessor,
+    Sampler,
+    SamplingOptions,
+    greedy,
+    make_logits_processors,
+    make_sampler,
+)
 from .speculative import Draft, speculative_generate_step
 
 
@@ -34,7 +51,7 @@ class _Decoder:
         logits = self.model(feed[None], self.cache)[:, -1, :].astype(mx.float32)
         for process in self.processors:
             logits = process(self.tokens, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = log_softmax(logits)  # reported in each response: the accurate sum
         return self.sampler(logprobs), logprobs[0]
 
     def accept(self, y: mx.array) -> int:

@@ -39,7 +39,9 @@ class SamplingOptions:
     drop tokens below min_p x the top probability (0: off); repetition_penalty: CTRL's, as transformers
     applies it (1 or None: off), over the last `repetition_context_size` tokens (None: all); logit_bias:
     {token id: bias} added to the logits (-inf bans a token); seed: the random state, for reproducible
-    samples. Every value is checked here, once, with the allowed range in the message.
+    samples; presence_penalty / frequency_penalty: OpenAI's, subtracted from the logit of every token the
+    text so far (the prompt included) holds, once / once per occurrence. Every value is checked here,
+    once, with the allowed range in the message.
     """
 
     temp: float = 0.0
@@ -50,6 +52,8 @@ class SamplingOptions:
     repetition_context_size: int | None = None
     logit_bias: Mapping[int, float] | None = None
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +68,10 @@ class SamplingOptions:
              f"repetition_context_size must be an integer >= 1 (None: the whole context), got {self.repetition_context_size!r}"),
             (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= MAX_SEED),
              f"seed must be an integer in [0, 2**64 - 1], got {str(self.seed)[:30]}"),
+            (_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2] (0 turns it off), got {self.presence_penalty!r}"),
+            (_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2] (0 turns it off), got {self.frequency_penalty!r}"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:
@@ -185,11 +193,25 @@ def make_logit_bias(bias: Mapping[int, float], vocab_size: int) -> LogitsProcess
     return process
 
 
+def make_presence_frequency_penalty(presence: float, frequency: float) -> LogitsProcessor:
+    """OpenAI's penalties: logit -= frequency * count + presence * (count > 0), counted over the text so far."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        if tokens.size == 0:
+            return logits
+        counts = mx.zeros((logits.shape[-1],), dtype=logits.dtype).at[tokens].add(1.0)  # [vocab]
+        return logits - frequency * counts - presence * (counts > 0).astype(logits.dtype)
+
+    return process
+
+
 def make_logits_processors(options: SamplingOptions, vocab_size: int) -> list[LogitsProcessor]:
-    """The processors `options` asks for, in the order transformers applies them: bias, then penalty."""
+    """The processors `options` asks for, in the order transformers applies them: bias, then penalties."""
     processors = []
     if options.logit_bias:
         processors.append(make_logit_bias(options.logit_bias, vocab_size))
     if options.repetition_penalty is not None and options.repetition_penalty != 1.0:
         processors.append(make_repetition_penalty(options.repetition_penalty, options.repetition_context_size))
+    if options.presence_penalty or options.frequency_penalty:
+        processors.append(make_presence_frequency_penalty(options.presence_penalty, options.frequency_penalty))
     return processors
