@@ -353,6 +353,9 @@ BAD = [
     ({"prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),
     ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ({"prompt": "x", "temperature": 2.5}, 400, "temperature"),
+    ({"prompt": "x", "temperature": 10**400}, 400, "temperature"),  # an integer too big for a float
+    ({"prompt": "x", "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
+    ({"prompt": "x", "top_k": -1}, 400, "top_k"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"prompt": "x", "n": 17}, 400, "n"),
     ({"prompt": "x", "n": 2, "best_of": 1}, 400, "best_of"),
@@ -371,6 +374,8 @@ BAD = [
     ({"prompt": [1.5]}, 400, "prompt"),
     ({"prompt": []}, 400, "prompt"),
     ({"prompt": {"text": "x"}}, 400, "prompt"),
+    ({"prompt": [[1]] * 5000}, 400, "prompt"),  # more prompts than one request may hold
+    ({"prompt": [[1]] * 300}, 400, "prompt"),  # more sequences than the server runs and queues
     ({"prompt": "x", "stop": ["s"] * 17}, 400, "stop"),
     ({"prompt": "x", "stop": "s" * 257}, 400, "stop"),
     ({"prompt": "x", "stop": [""]}, 400, "stop"),
@@ -388,6 +393,25 @@ def test_bad_requests_are_clean_4xx(served, body, status, param):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
     assert "Traceback" not in error["message"] and len(error["message"]) < 400
+
+
+def test_edge_requests_that_are_fine(served, local):
+    model, tokenizer = local
+    client = served.client()
+    one = client.completions.create(model=None, prompt="Hi", max_tokens=0, echo=True, logprobs=2)
+    assert one.choices[0].text == "Hi" and one.choices[0].logprobs.token_logprobs == [None]
+    empty = client.completions.create(model=None, prompt="", max_tokens=3, temperature=0)  # from <|endoftext|>
+    assert empty.choices[0].text == generate(model, tokenizer, "", max_tokens=3)
+    tiny = client.completions.create(model=None, prompt="A list is", max_tokens=5, temperature=1e-30)
+    assert tiny.choices[0].text == generate(model, tokenizer, "A list is", max_tokens=5)  # that cold is greedy
+    full = list(range(100, 228))  # a prompt that fills the 128-token window can still be scored
+    scored = client.completions.create(model=None, prompt=full, max_tokens=1, echo=True, logprobs=0)
+    assert len(scored.choices[0].logprobs.token_logprobs) == 128 and scored.usage.completion_tokens == 0
+    chat = client.chat.completions.create(model=None, n=2, max_completion_tokens=None, max_tokens=4, temperature=1,
+                                          seed=1, messages=[{"role": "user", "content": "Hi"},
+                                                            {"role": "assistant", "content": None},
+                                                            {"role": "user", "content": "Go on"}])  # fmt: skip
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 8
 
 
 def test_bad_chat_requests(served):
@@ -500,8 +524,8 @@ def guarded(trained_small_dir, tmp_path_factory):
         shutil.copyfile(path, directory / path.name)
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
     (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
-    server = Served("--model", directory, "--model-id", "tiny", "--api-key", "s3cret", "--max-queue", "1",
-                    "--max-body-mb", "0.01", "--max-tokens-limit", "8", "--quiet", "--dtype", "float32",
+    server = Served("--model", directory, "--model-id", "tiny", "--api-key", "s3cret", "--max-queue", "0",
+                    "--max-body-mb", "0.01", "--max-tokens-limit", "100", "--quiet", "--dtype", "float32",
                     "--draft-model", trained_small_dir, "--num-draft", "3")  # fmt: skip
     yield server
     server.stop()
@@ -522,9 +546,18 @@ def test_limits_template_draft_and_a_full_queue(guarded, local):
     key = {"authorization": "Bearer s3cret"}
     big = guarded.post("/v1/completions", {"prompt": "x" * 20_000}, headers=key)
     assert big.status_code == 413
-    assert guarded.post("/v1/completions", {"prompt": "x", "max_tokens": 9}, headers=key).status_code == 400
-    busy = guarded.post("/v1/completions", {"prompt": "x", "n": 2, "max_tokens": 1}, headers=key)
-    assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
+    assert guarded.post("/v1/completions", {"prompt": "x", "max_tokens": 101}, headers=key).status_code == 400
+    never = guarded.post("/v1/completions", {"prompt": "x", "n": 2, "max_tokens": 1}, headers=key)
+    assert never.status_code == 400 and "at most 1" in never.json()["error"]["message"]  # 1 slot, no queue
+    # One sequence decodes (the draft model serves one at a time) and none may wait: the next is a 429.
+    with httpx.stream("POST", guarded.url + "/v1/completions", headers=key, timeout=120,
+                      json={"prompt": "A list is", "max_tokens": 100, "temperature": 0, "stream": True}) as first:  # fmt: skip
+        lines = first.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # it is running
+        busy = guarded.post("/v1/completions", {"prompt": "x", "max_tokens": 1}, headers=key)
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error", busy.text
+    assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
     client = guarded.client(api_key="s3cret")
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert chat.usage.prompt_tokens == len(tokenizer.encode("[user] Hi\n[assistant]"))

@@ -109,10 +109,18 @@ def top_tokens(logprobs: mx.array, k: int) -> list[tuple[int, float]] | None:
 
 
 def score_prompt(logits: mx.array, ids: list[int], top: int) -> PromptScores:
-    """Log-probs `[L, vocab]` of a whole prompt -> each token's log-prob given the ones before it."""
-    logprobs = log_softmax(logits)  # [L, vocab]
-    picked = mx.take_along_axis(logprobs[:-1], mx.array(ids[1:])[:, None], axis=-1)[:, 0]  # [L - 1]
-    tops = [top_tokens(logprobs[i], top) for i in range(len(ids) - 1)] if top else [None] * (len(ids) - 1)
+    """Logits `[L, vocab]` of a whole prompt -> each token's log-prob given the ones before it."""
+    if len(ids) < 2:  # one token: nothing in the prompt is predicted
+        return PromptScores([None] * len(ids), [None] * len(ids))
+    logprobs = log_softmax(logits[:-1])  # [L - 1, vocab]
+    picked = mx.take_along_axis(logprobs, mx.array(ids[1:], dtype=mx.int32)[:, None], axis=-1)[:, 0]  # [L - 1]
+    if not top:
+        return PromptScores([None, *picked.tolist()], [None] * len(ids))
+    index = mx.argpartition(-logprobs, top - 1, axis=-1)[:, :top]  # [L - 1, top]: every position at once
+    values = mx.take_along_axis(logprobs, index, axis=-1)
+    order = mx.argsort(-values, axis=-1)
+    index, values = mx.take_along_axis(index, order, axis=-1).tolist(), mx.take_along_axis(values, order, axis=-1).tolist()
+    tops = [list(zip(i, v)) for i, v in zip(index, values)]
     return PromptScores([None, *picked.tolist()], [None, *tops])
 
 
@@ -175,12 +183,21 @@ class BatchKV:
     def offset(self) -> int:
         return max(self.lengths, default=0)
 
+    @property
+    def aligned(self) -> bool:
+        return len(set(self.lengths)) <= 1
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append one position `[B, H, 1, hd]` to every row; return the keys and values up to the longest row."""
         self._reserve(self.offset + 1)
-        where = mx.array(self.lengths)[:, None, None, None]  # [B, 1, 1, 1]: each row's next position
-        self.keys = mx.put_along_axis(self.keys, where, keys.astype(self.keys.dtype), axis=2)
-        self.values = mx.put_along_axis(self.values, where, values.astype(self.values.dtype), axis=2)
+        if self.aligned:  # every row at one length (one sequence, or rows that joined together): a slice write
+            n = self.lengths[0]
+            self.keys[:, :, n : n + 1] = keys.astype(self.keys.dtype)
+            self.values[:, :, n : n + 1] = values.astype(self.values.dtype)
+        else:
+            where = mx.array(self.lengths)[:, None, None, None]  # [B, 1, 1, 1]: each row's next position
+            self.keys = mx.put_along_axis(self.keys, where, keys.astype(self.keys.dtype), axis=2)
+            self.values = mx.put_along_axis(self.values, where, values.astype(self.values.dtype), axis=2)
         self.lengths = [n + 1 for n in self.lengths]
         n = self.offset
         return self.keys[:, :, :n], self.values[:, :, :n]
@@ -280,10 +297,12 @@ class ContinuousBatch:
             return
         lengths = self.kv[0].lengths
         feed = mx.array([[s.history[-1]] for s in self.sequences])  # [B, 1]
-        keys = mx.arange(max(lengths) + 1)[None, None, None, :]  # [1, 1, 1, S]
-        allowed = keys <= mx.array(lengths)[:, None, None, None]  # a row reads its own positions only
-        mask = mx.where(allowed, 0.0, -mx.inf).astype(self.model.ln_f.weight.dtype)
-        positions = mx.array(lengths)[:, None]  # [B, 1]: each row's own next position
+        mask = positions = None  # rows at one length need neither: the plain decode step
+        if not self.kv[0].aligned:
+            keys = mx.arange(max(lengths) + 1)[None, None, None, :]  # [1, 1, 1, S]
+            allowed = keys <= mx.array(lengths)[:, None, None, None]  # a row reads its own positions only
+            mask = mx.where(allowed, 0.0, -mx.inf).astype(self.model.ln_f.weight.dtype)
+            positions = mx.array(lengths)[:, None]  # [B, 1]: each row's own next position
         logits = self.model(feed, self.kv, mask=mask, positions=positions)[:, -1, :].astype(mx.float32)  # [B, vocab]
         if any(self.processors):
             logits = mx.concatenate([s.process(logits[i : i + 1], p) for i, (s, p) in enumerate(zip(self.sequences, self.processors))])

@@ -18,6 +18,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_CHOICES = 16  # n and best_of
 MAX_LOGPROBS = 20
+MAX_PROMPTS = 4096  # prompts in one request (the server's --max-queue bounds its sequences further)
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing float32 logits by it overflows to -inf
 ROLES = ("system", "developer", "user", "assistant")
 
 
@@ -59,8 +61,8 @@ def _number(body: dict, name: str, default: float | None, low: float, high: floa
     value = body.get(name, default)
     if value is None:
         return default
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value > high or value < low or (low_open and value == low):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high  # NaN fails too
+    if not ok or (low_open and value == low):
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
         raise BadRequest(f"{name} must be a number in {interval}, got {_shown(value)}", name)
     return float(value)
@@ -117,12 +119,13 @@ def parse_logit_bias(value: Any, vocab_size: int) -> dict[int, float] | None:
 
 def parse_sampling(body: dict, vocab_size: int) -> SamplingOptions:
     """The sampling fields of a request: OpenAI's, and our extensions top_k, min_p, repetition_penalty."""
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     options = dict(
-        temp=_number(body, "temperature", 1.0, 0.0, 2.0),
+        temp=0.0 if temperature < GREEDY_BELOW else temperature,
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         top_k=_integer(body, "top_k", 0, 0, vocab_size),
         min_p=_number(body, "min_p", 0.0, 0.0, 0.999999),
-        repetition_penalty=_number(body, "repetition_penalty", None, 0.0, 100.0, low_open=True),
+        repetition_penalty=_number(body, "repetition_penalty", None, 0.01, 100.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         logit_bias=parse_logit_bias(body.get("logit_bias"), vocab_size),
@@ -138,6 +141,8 @@ def parse_prompt(value: Any, vocab_size: int) -> list[str | list[int]]:
     """OpenAI's prompt: a string, a list of strings, a list of token ids, or a list of lists of ids."""
     if isinstance(value, str):
         return [value]
+    if isinstance(value, list) and len(value) > MAX_PROMPTS and not all(_is_int(t) for t in value):
+        raise BadRequest(f"prompt holds {len(value)} prompts; one request takes at most {MAX_PROMPTS}", "prompt")
     if isinstance(value, list) and value and all(_is_int(t) for t in value):
         return [_checked_ids(value, vocab_size)]
     if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
@@ -191,6 +196,8 @@ def parse_messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise BadRequest(f"messages[{i}] must have a role among {', '.join(ROLES)}", "messages")
         content = message.get("content")
+        if content is None and message["role"] == "assistant":  # a turn that only called tools: no text
+            content = ""
         if isinstance(content, list):  # content parts: only text exists for GPT-2
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
                 raise BadRequest(f"messages[{i}].content parts must be text parts", "messages")
@@ -204,7 +211,8 @@ def parse_messages(value: Any) -> list[dict[str, str]]:
 def parse_chat(body: dict, vocab_size: int, max_tokens_limit: int) -> tuple[list[dict[str, str]], Completion]:
     """A /v1/chat/completions body, checked: the messages, and the request as a completion of them."""
     messages = parse_messages(body.get("messages"))
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    limit = body.get("max_completion_tokens")
+    limit = body.get("max_tokens") if limit is None else limit  # the newer name first; null means not given
     top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
     wants_logprobs = _flag(body, "logprobs")
     if top is not None and not wants_logprobs:
@@ -212,7 +220,7 @@ def parse_chat(body: dict, vocab_size: int, max_tokens_limit: int) -> tuple[list
     completion = Completion(
         prompts=[], max_tokens=_integer({"max_tokens": limit}, "max_tokens", None, 0, max_tokens_limit),
         sampling=parse_sampling(body, vocab_size), stop=parse_stop(body.get("stop")),
-        n=_integer(body, "n", 1, 1, MAX_CHOICES), best_of=1, stream=_flag(body, "stream"), echo=False,
+        n=(n := _integer(body, "n", 1, 1, MAX_CHOICES)), best_of=n, stream=_flag(body, "stream"), echo=False,
         logprobs=(top or 0) if wants_logprobs else None, include_usage=_include_usage(body),
     )
     return messages, completion

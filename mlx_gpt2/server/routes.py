@@ -11,6 +11,7 @@ import asyncio
 import json
 from typing import Any, AsyncIterator
 
+import anyio
 from fastapi import FastAPI, Request
 from sse_starlette.sse import EventSourceResponse
 
@@ -29,7 +30,8 @@ def add_routes(app: FastAPI, server: Server) -> None:
     async def completions(request: Request):
         body = await server.read_body(request)
         completion = parse_completion(body, server.vocab_size, server.options.max_tokens_limit)
-        ids = await server.tokenize(completion.prompts, completion.max_tokens)
+        scoring = completion.echo and completion.logprobs is not None  # what evaluation harnesses send
+        ids = await server.tokenize(completion.prompts, completion.max_tokens, scoring=scoring)
         run = server.start(completion, ids, chat=False, stops=[])
         if completion.stream:
             return _events(server, run, stream_completion(server, completion, run, ids))
@@ -60,6 +62,8 @@ def _add_info_routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/health")
     async def health():
+        if not server.scheduler.alive:  # never expected: the model thread guards its own work
+            return error(503, "the model thread has stopped; restart the server", kind="server_error")
         return {"status": "ok", **server.scheduler.load}
 
     @app.get("/v1/models")
@@ -92,7 +96,7 @@ def _add_token_routes(app: FastAPI, server: Server) -> None:
         pieces = body.get("with_pieces", False)
         if not isinstance(pieces, bool):
             raise BadRequest("with_pieces must be true or false", "with_pieces")
-        ids = tokenizer.encode(text)
+        ids = await anyio.to_thread.run_sync(tokenizer.encode, text) if len(text) > 20_000 else tokenizer.encode(text)
         tokens = [{"id": t, "piece": tokenizer.decode([t])} for t in ids] if pieces else ids
         return {"tokens": tokens, "count": len(ids), "max_model_len": server.window}
 

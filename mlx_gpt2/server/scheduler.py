@@ -48,13 +48,16 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.condition = threading.Condition()
         self.stopping = False
+        self.speculating: Sequence | None = None  # the sequence a draft model is serving, start to end
         self.thread = threading.Thread(target=self._run, name="mlx-gpt2-model", daemon=True)
         self.thread.start()
 
     def submit(self, sequences: list[Sequence]) -> None:
-        """Queue sequences (all of one request, or none of them); QueueFull past `max_queue`."""
+        """Queue sequences (all of one request, or none of them); QueueFull when more than `max_queue`
+        would wait for a slot (sequences that find a free slot in the batch do not wait)."""
         with self.condition:
-            if len(self.waiting) + len(sequences) > self.max_queue:
+            slots = max(self.max_concurrency - self.running, 0)  # taken at the model thread's next admission
+            if len(self.waiting) + len(sequences) - slots > self.max_queue:
                 raise QueueFull
             self.waiting.extend(sequences)
             self.condition.notify()
@@ -67,8 +70,12 @@ class Scheduler:
                 self.waiting.remove(sequence)
 
     @property
+    def running(self) -> int:
+        return len(self.batch) + (self.speculating is not None)
+
+    @property
     def load(self) -> dict[str, int]:
-        return {"running": len(self.batch), "waiting": len(self.waiting)}
+        return {"running": self.running, "waiting": len(self.waiting)}
 
     def stop(self) -> None:
         with self.condition:
@@ -80,7 +87,7 @@ class Scheduler:
         with self.condition:
             while not self.stopping and not self.waiting and not len(self.batch):
                 self.condition.wait()
-            room = self.max_concurrency - len(self.batch)
+            room = self.max_concurrency - self.running
             return [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
 
     def _run(self) -> None:
@@ -91,22 +98,39 @@ class Scheduler:
             if len(self.batch):
                 self._guarded(list(self.batch.sequences), self.batch.step)
 
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
     def _start(self, sequence: Sequence) -> None:
         if self.draft is None:
             self.batch.add(sequence)
-        else:
+            return
+        self.speculating = sequence
+        try:
             self._speculate(sequence)
+        finally:
+            self.speculating = None
 
     def _guarded(self, sequences: list[Sequence], work) -> None:
-        """Run `work`; if it fails, fail its sequences (and drop the batch they were in), and go on serving."""
+        """Run `work`; if it fails, fail its sequences and go on serving. A failed step (or a join that
+        left the batch's cache half-written) fails the whole batch and starts a fresh one."""
         try:
             work()
         except Exception as error:  # a bug, not bad input: requests were checked before they got here
             message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            for sequence in sequences:
+            rows = {len(layer.lengths) for layer in self.batch.kv}
+            if rows != {len(self.batch.sequences)} and rows != {0}:
+                sequences = [*sequences, *self.batch.sequences]
+                self.batch = ContinuousBatch(self.model, prefix_cache=self.batch.prefix_cache)
+            elif sequences and sequences[0] in self.batch.sequences:
+                self.batch = ContinuousBatch(self.model, prefix_cache=self.batch.prefix_cache)
+            for sequence in dict.fromkeys(sequences):
                 sequence.cancelled = True
-                sequence.emit(Failure(message))
-            self.batch = ContinuousBatch(self.model, prefix_cache=self.batch.prefix_cache)
+                try:
+                    sequence.emit(Failure(message))
+                except Exception:  # the request's event loop is gone (shutting down): nobody to tell
+                    pass
 
     def _speculate(self, sequence: Sequence) -> None:
         """One sequence, start to end, drafted by the draft model (the same tokens or distribution)."""

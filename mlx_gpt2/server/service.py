@@ -82,7 +82,7 @@ class Server:
                              "model", status=404, code="model_not_found")  # fmt: skip
         return body
 
-    async def tokenize(self, prompts: list[str | list[int]], max_tokens: int | None) -> list[list[int]]:
+    async def tokenize(self, prompts: list[str | list[int]], max_tokens: int | None, *, scoring: bool = False) -> list[list[int]]:
         """Token ids of every prompt (text tokenized off the event loop), each checked against the window."""
         texts = [p for p in prompts if isinstance(p, str)]
         if any(len(t.encode("utf-8", "surrogatepass")) > self.max_prompt_bytes for t in texts):
@@ -92,6 +92,8 @@ class Server:
         ids = await anyio.to_thread.run_sync(encode) if sum(map(len, texts)) > 20_000 else encode()
         for prompt in ids:
             room = self.window - len(prompt)
+            if scoring and room >= 0:  # echo + logprobs: the prompt's scores are the answer; generate what fits
+                continue
             if room < 0 or (max_tokens is not None and max_tokens > room):
                 raise BadRequest(
                     f"the prompt is {len(prompt)} tokens and max_tokens {max_tokens}; this model's window holds "
@@ -102,6 +104,9 @@ class Server:
     def start(self, request: Completion, ids: list[list[int]], *, chat: bool, stops: list[str]) -> Run:
         """Queue the request's sequences: `best_of` per prompt (each seeded apart when a seed is given)."""
         plan = [(index * request.n + k, prompt) for index, prompt in enumerate(ids) for k in range(request.best_of)]
+        if len(plan) > self.scheduler.max_queue + self.scheduler.max_concurrency:
+            raise BadRequest(f"this request needs {len(plan)} sequences (prompts x best_of); this server queues at most "
+                             f"{self.scheduler.max_queue + self.scheduler.max_concurrency}", "prompt")  # fmt: skip
         seed = request.sampling.seed
 
         def make(position: int, prompt: list[int], emit) -> Sequence:
@@ -117,7 +122,7 @@ class Server:
 
     def _max_tokens(self, request: Completion, prompt: list[int]) -> int:
         room = min(self.window - len(prompt), self.options.max_tokens_limit)
-        return room if request.max_tokens is None else request.max_tokens
+        return room if request.max_tokens is None else min(request.max_tokens, room)
 
     def usage(self, run: Run, ids: list[list[int]]) -> dict[str, Any]:
         prompt = sum(map(len, ids))
