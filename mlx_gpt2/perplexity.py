@@ -15,6 +15,7 @@ from typing import Callable
 
 import mlx.core as mx
 
+from .distributed import World
 from .errors import UserError
 from .model import GPT2, check_ids
 from .numerics import logsumexp
@@ -88,10 +89,14 @@ def perplexity(
     stride: int | None = None,
     batch_size: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    world: World | None = None,
 ) -> PerplexityResult:
     """Strided perplexity of `model` on `text`. `context` defaults to the model's window (1024 for gpt2),
     `stride` to half the context; `batch_size` windows are evaluated together (same result, more memory).
-    `progress(tokens scored, tokens to score)` is called as the work goes (a progress bar's feed)."""
+    `progress(tokens scored, tokens to score)` is called as the work goes (a progress bar's feed). With a
+    `world` of several processes (`mlx.launch`), each scores its share of the batches and the sums are
+    added up: the same result, in float32 on the wire."""
+    world = world or World()
     context, stride = _check_options(model, context, stride, batch_size)
     ids = check_ids(tokenizer.encode(text), model.config.vocab_size, what="the text")
     if len(ids) < 2:
@@ -103,11 +108,12 @@ def perplexity(
     for w in plan:  # full windows batch together; the first and the last have their own shapes
         groups.setdefault((w.end - w.begin, w.scored), []).append(w)
     scored, done = sum(w.scored for w in plan), 0
-    for group in groups.values():
-        for i in range(0, len(group), batch_size):
-            total += _batch_nll(model, token_ids, group[i : i + batch_size]).item()
-            done += sum(w.scored for w in group[i : i + batch_size])
-            if progress is not None:
-                progress(done, scored)
+    batches = [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+    for k in world.split(len(batches)):  # under mlx.launch each process scores every size-th batch
+        total += _batch_nll(model, token_ids, batches[k]).item()
+        done += sum(w.scored for w in batches[k]) * world.size  # about what all of them have done
+        if progress is not None:
+            progress(min(done, scored), scored)
+    total = world.sum(mx.array(total, dtype=mx.float32)).item() if world.size > 1 else total
     nll = total / scored
     return PerplexityResult(math.exp(nll), nll, scored, time.perf_counter() - start, context, stride)

@@ -30,13 +30,18 @@ def perplexity(
 
     Each token is scored once, with up to context - stride tokens of left context.
     """
+    from ..distributed import World
     from ..loading import load
     from ..perplexity import perplexity as score
 
+    world = World.current()  # under mlx.launch: each process scores its share; rank 0 prints
     text = read_stdin("--file") if str(file) == "-" else read_text_file(file, what="--file")
     lm, tokenizer = load(model, revision=revision, dtype=dtype)
-    with progress_bar("scoring", unit="tok", quiet=quiet) as progress:
-        result = score(lm, tokenizer, text, context=context, stride=stride, batch_size=batch_size, progress=progress)
+    with world.stopped_by_the_launcher(), progress_bar("scoring", unit="tok", quiet=quiet or not world.main) as progress:
+        result = score(lm, tokenizer, text, context=context, stride=stride, batch_size=batch_size, progress=progress,
+                       world=world)  # fmt: skip
+    if not world.main:
+        return
     typer.echo(
         f"perplexity: {result.perplexity:.4f}\n"
         f"tokens scored: {result.tokens} (context {result.context}, stride {result.stride})\n"

@@ -25,10 +25,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 class Progress:
     """Console output of a run: report lines on stdout, and progress bars (tqdm) on stderr while steps and
-    validations run. The bars show only on a terminal; `quiet` prints warnings and nothing else."""
+    validations run. The bars show only on a terminal; `quiet` prints warnings and nothing else; `silent`
+    (the other processes of a distributed run, whose rank 0 speaks for them) not even those."""
 
-    def __init__(self, total: int, *, quiet: bool = False, stream: TextIO | None = None) -> None:
-        self.total, self.quiet = total, quiet
+    def __init__(self, total: int, *, quiet: bool = False, silent: bool = False, stream: TextIO | None = None) -> None:
+        self.total, self.quiet, self.silent = total, quiet or silent, silent
         self.stream = stream or sys.stdout
         self.started = time.perf_counter()
         self.bar: tqdm | None = None
@@ -44,7 +45,8 @@ class Progress:
         self._line(text)
 
     def warn(self, text: str) -> None:
-        tqdm.write(f"warning: {text}", file=sys.stderr)
+        if not self.silent:
+            tqdm.write(f"warning: {text}", file=sys.stderr)
 
     def start(self, model: nn.Module, data: Any, max_seq_length: int, step: int) -> None:
         total, trainable = count_parameters(model)

@@ -24,6 +24,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from ..backend import parse_dtype
+from ..distributed import World
 from ..errors import UserError
 from ..convert.weights import nonfinite
 from ..fileio import output_lock
@@ -201,17 +202,23 @@ def train(
     the run as Ctrl-C does, after saving a checkpoint that `resume=True` continues from.
     """
     check_config(config)
+    world = World.current()  # under `mlx.launch`: this process's rank; alone, a world of one
+    world.check_batch(config.batch_size)
     out = Path(config.adapter_path).expanduser()
-    check_adapter_dir(out, resume=config.resume)  # before the slow load: fail fast
-    with output_lock(out):  # a second run into the same directory fails at once
-        check_adapter_dir(out, resume=config.resume)
-        return _train(config, out, on_step, quiet)
+    with world.stopped_by_the_launcher():
+        if not world.main:  # rank 0 alone writes the adapter directory; the others read a checkpoint to resume
+            return _train(config, out, on_step, quiet, world)
+        check_adapter_dir(out, resume=config.resume)  # before the slow load: fail fast
+        with output_lock(out):  # a second run into the same directory fails at once
+            check_adapter_dir(out, resume=config.resume)
+            return _train(config, out, on_step, quiet, world)
 
 
-def _train(config: TrainConfig, out: Path, on_step: Callable[[int, float], None] | None, quiet: bool) -> TrainResult:
+def _train(config: TrainConfig, out: Path, on_step: Callable[[int, float], None] | None, quiet: bool,
+           world: World) -> TrainResult:  # fmt: skip
     from ..loading import load
 
-    progress = Progress(config.iters, quiet=quiet)
+    progress = Progress(config.iters, quiet=quiet, silent=not world.main)
     model, tokenizer = load(config.model, quantize=config.quantize, dtype=config.dtype)
     saved = load_checkpoint(out) if config.resume else None
     settings = resolve(config, len(model.h), model.config.n_positions, saved[2]["train"] if saved else None)
@@ -232,7 +239,7 @@ def _train(config: TrainConfig, out: Path, on_step: Callable[[int, float], None]
     if saved is not None:
         state = restore(out, saved, model, optimizer, adapter_config, data, progress)
     progress.start(model, data, settings.max_seq_length, state.step)
-    trainer = Trainer(settings, model, optimizer, data, out, adapter_config, state, progress, on_step)
+    trainer = Trainer(settings, model, optimizer, data, out, adapter_config, state, progress, on_step, world)
     return trainer.run()
 
 
@@ -333,15 +340,22 @@ class Step:
     update: Callable  # (summed grads, tokens) -> None: one AdamW step
 
 
-def evaluate(model: nn.Module, batches: Iterator[Batch], progress: Callable[[int], None] | None = None) -> float | None:
-    """Mean loss over every masked target of `batches`; None if there are none. `progress(batches done)`."""
+def evaluate(model: nn.Module, batches: Iterator[Batch], progress: Callable[[int], None] | None = None,
+             world: World = World()) -> float | None:  # fmt: skip
+    """Mean loss over every masked target of `batches`; None if there are none. `progress(batches done)`.
+
+    Under several processes each takes every size-th batch and the sums are added up: the same number.
+    """
     total, count = mx.array(0.0), mx.array(0.0)
     for done, batch in enumerate(batches, start=1):
+        if (done - 1) % world.size != world.rank:
+            continue
         loss, n = loss_fn(model, batch.inputs, batch.targets, batch.mask)
         total, count = total + loss * n, count + n
         mx.eval(total, count)
         if progress is not None:
             progress(done)
+    total, count = world.sum((total, count))
     return (total / count).item() if count.item() > 0 else None
 
 
@@ -372,8 +386,8 @@ class Trainer:
 
     def __init__(self, settings: RunSettings, model: nn.Module, optimizer: optim.Optimizer, data: Data, out: Path,
                  adapter_config: dict, state: TrainState, progress: Progress,
-                 on_step: Callable[[int, float], None] | None) -> None:  # fmt: skip
-        self.settings, self.model, self.optimizer, self.data = settings, model, optimizer, data
+                 on_step: Callable[[int, float], None] | None, world: World = World()) -> None:  # fmt: skip
+        self.settings, self.model, self.optimizer, self.data, self.world = settings, model, optimizer, data, world
         self.out, self.adapter_config, self.state, self.progress, self.on_step = out, adapter_config, state, progress, on_step
         self.losses: list[float] = []
         self.val_losses: list[tuple[int, float]] = []
@@ -413,19 +427,23 @@ class Trainer:
         accumulated, losses, counts = None, [], []
         rows = self.settings.micro_batch_size
         for _ in range(self.settings.grad_accum):
-            batch = next(batches)
-            for i in range(0, batch.inputs.shape[0], rows):
-                self.probe = (batch.inputs[i : i + rows], batch.targets[i : i + rows], batch.mask[i : i + rows])
+            batch = next(batches)  # the global batch; this process trains on its share of the rows
+            share = self.world.share(batch.inputs.shape[0])
+            inputs, targets, mask = batch.inputs[share], batch.targets[share], batch.mask[share]
+            for i in range(0, inputs.shape[0], rows):
+                self.probe = (inputs[i : i + rows], targets[i : i + rows], mask[i : i + rows])
                 loss, n_tokens, accumulated = step.gradients(*self.probe, accumulated)
                 # Evaluated one micro-batch at a time: queued together, their activations would coexist.
                 mx.eval(accumulated, loss, n_tokens)
                 losses.append(loss)
                 counts.append(n_tokens)
-        total_tokens = sum(counts)
+        # Summed over the processes (one message), then divided by the global token count in `update`:
+        # exactly the update one process makes on the whole batch.
+        accumulated, total_tokens, total_loss = self.world.sum((accumulated, sum(counts), sum(losses)))
         step.update(accumulated, total_tokens)
         mx.eval(self.model.state, self.optimizer.state)
         tokens = int(total_tokens.item())
-        loss = sum(v.item() for v in losses) / max(tokens, 1)
+        loss = total_loss.item() / max(tokens, 1)
         if not math.isfinite(loss):
             self.diverged(f"the training loss became {loss} at step {self.state.step + 1}")
         elapsed = time.perf_counter() - tic
@@ -444,11 +462,11 @@ class Trainer:
         step, c = self.state.step, self.settings
         last = step == c.iters
         self.progress.tick(step, loss, self.window_tokens / max(self.window_time, 1e-9))
-        if step % c.steps_per_report == 0 or last:
+        if (step % c.steps_per_report == 0 or last) and self.world.main:
             self.report()
         if step % c.steps_per_eval == 0 or last:
-            self.validate()
-        if step % c.save_every == 0 or last:
+            self.validate()  # every process computes its share
+        if (step % c.save_every == 0 or last) and self.world.main:
             self.save()
         if self.on_step is not None:
             self.on_step(step, loss)
@@ -474,8 +492,8 @@ class Trainer:
         n = self.settings.val_batches
         batches = -(-len(self.data.valid) // s.batch_size)  # ceil
         feed = self.progress.validating(batches if n < 0 else min(n, batches))
-        loss = evaluate(self.model, iterate_valid(self.data.valid, s.batch_size, s.max_seq_length, n), feed)
-        if loss is None:
+        loss = evaluate(self.model, iterate_valid(self.data.valid, s.batch_size, s.max_seq_length, n), feed, self.world)
+        if loss is None or not self.world.main:
             return
         record = {"step": self.state.step, "val_loss": loss, "val_time": time.perf_counter() - tic}
         append_metrics(self.out, record)
@@ -504,6 +522,8 @@ class Trainer:
 
     def stopped(self) -> None:
         """Ctrl-C (or on_step raising KeyboardInterrupt): save where the run stands, if that is a whole step."""
+        if not self.world.main:
+            return
         if self.consistent and self.state.step > 0:
             self.save()
             self.progress.info(f"stopped at step {self.state.step}; continue with --resume (same options)")
