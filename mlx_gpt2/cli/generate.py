@@ -11,11 +11,24 @@ import typer
 
 from ..errors import UserError
 from .common import (
-    DECODING, INPUT, MODEL, OUTPUT, SAMPLING, STOPPING, command, dtype_option, force_option, model_option,
-    parse_logit_bias, read_prompt, revision_option,
+    DECODING,
+    INPUT,
+    MODEL,
+    OUTPUT,
+    SAMPLING,
+    STOPPING,
+    command,
+    dtype_option,
+    force_option,
+    model_option,
+    parse_logit_bias,
+    read_prompt,
+    read_text_file,
+    revision_option,
 )
 
 BEAMS = "Beam search"
+STRUCTURE = "Structured output"
 
 
 def register(app: typer.Typer) -> None:
@@ -47,6 +60,9 @@ def generate(
     num_beams: int = typer.Option(1, "--num-beams", help="Beam search with this many beams (1: off); greedy, not streamed.", rich_help_panel=BEAMS),
     length_penalty: Optional[float] = typer.Option(None, "--length-penalty", help="Beam score = log-prob sum / length ** this (default 1).", rich_help_panel=BEAMS),
     early_stopping: bool = typer.Option(False, "--early-stopping", help="End once num_beams hypotheses are finished.", rich_help_panel=BEAMS),
+    json_schema: Optional[str] = typer.Option(None, "--json-schema", metavar="FILE|JSON", help="The output is JSON valid under this schema (a file, or the schema itself).", rich_help_panel=STRUCTURE),
+    regex: Optional[str] = typer.Option(None, "--regex", metavar="PATTERN", help="The output matches this regular expression, whole.", rich_help_panel=STRUCTURE),
+    grammar: Optional[Path] = typer.Option(None, "--grammar", metavar="FILE", help="The output follows this Lark grammar (llguidance's dialect).", rich_help_panel=STRUCTURE),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed, peak memory and the BLAS in use to stderr.", rich_help_panel=OUTPUT),
 ) -> None:
     """Generate text from a prompt.
@@ -60,14 +76,29 @@ def generate(
     sampling = SamplingOptions(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                logit_bias=parse_logit_bias(logit_bias), seed=seed)  # fmt: skip
     lm, tokenizer = load(recorded_base(model, adapter_path), revision=revision, dtype=dtype, adapter_path=adapter_path)
+    sampling = _constrained(sampling, tokenizer, json_schema, regex, grammar)
     if num_beams != 1 or length_penalty is not None or early_stopping:
         conflicts = {"--temp": temp != 0, "--top-k": top_k != 0, "--top-p": top_p != 1, "--min-p": min_p != 0,
                      "--repetition-penalty": repetition_penalty is not None, "--logit-bias": logit_bias, "--stop": stop,
-                     "--draft-model": draft_model, "--prompt-cache": prompt_cache}  # fmt: skip
+                     "--draft-model": draft_model, "--prompt-cache": prompt_cache,
+                     "--json-schema/--regex/--grammar": sampling.constraint is not None}  # fmt: skip
         return _generate_beams(lm, tokenizer, text, (num_beams, max_tokens, length_penalty, early_stopping, ignore_eos),
                                conflicts, verbose)  # fmt: skip
     _stream(lm, tokenizer, text, dict(max_tokens=max_tokens, sampling=sampling, stop=stop or None, ignore_eos=ignore_eos,
                                       on_overflow=on_overflow), prompt_cache, (draft_model, num_draft, dtype), verbose)  # fmt: skip
+
+
+def _constrained(sampling, tokenizer, json_schema: str | None, regex: str | None, grammar: Path | None):
+    """`sampling` with the constraint the options give (a schema file or inline JSON; a grammar file)."""
+    import dataclasses
+
+    from ..generation.constrained import Constraint
+
+    if json_schema is not None and not json_schema.lstrip().startswith("{"):
+        json_schema = read_text_file(Path(json_schema), what="--json-schema")
+    lark = read_text_file(grammar, what="--grammar") if grammar is not None else None
+    constraint = Constraint.of(tokenizer, json_schema=json_schema, regex=regex, grammar=lark)
+    return sampling if constraint is None else dataclasses.replace(sampling, constraint=constraint)
 
 
 def _stream(lm, tokenizer, text: str, options: dict, prompt_cache: Path | None, draft_spec: tuple, verbose: bool) -> None:

@@ -19,8 +19,15 @@ from ..cache import make_cache
 from ..errors import UserError
 from ..model import GPT2, check_ids
 from ..tokenizer import Tokenizer
+from .constrained import Constraint
 from .core import TextStream, check_max_tokens, encode_prompt, stop_list
-from .sampling import LogitsProcessor, Sampler, SamplingOptions, make_logits_processors, make_sampler
+from .sampling import (
+    LogitsProcessor,
+    Sampler,
+    SamplingOptions,
+    make_logits_processors,
+    make_sampler,
+)
 
 
 class Batch:
@@ -137,18 +144,18 @@ class _Row:
 Step = Callable[..., tuple[mx.array, mx.array]]
 
 
-def _make_step(sampler: Sampler, processors: list[LogitsProcessor], rows: list[_Row]) -> Step:
+def _make_step(sampler: Sampler, processors: list[list[LogitsProcessor]], rows: list[_Row]) -> Step:
     """logits `[B, vocab]` -> (tokens `[B]`, their log-probs `[B]`), each row processed with its own history.
 
     `last` `[B]` are the tokens just fed: the next step is queued before they reach the rows' histories.
     """
 
     def step(logits: mx.array, active: list[int], last: mx.array | None = None) -> tuple[mx.array, mx.array]:
-        if processors:  # penalties depend on each row's own history
+        if any(processors):  # penalties and constraints depend on each row's own history (and state)
             seen = [mx.array(rows[r].history) for r in active]
             if last is not None:
                 seen = [mx.concatenate([h, last[i : i + 1].astype(h.dtype)]) for i, h in enumerate(seen)]
-            logits = mx.concatenate([_processed(processors, h, logits[i : i + 1]) for i, h in enumerate(seen)])
+            logits = mx.concatenate([_processed(processors[r], h, logits[i : i + 1]) for i, (r, h) in enumerate(zip(active, seen))])
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         tokens = sampler(logprobs)
         return tokens, mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
@@ -198,15 +205,20 @@ def batch_generate_response(
     stop: list[str] | str | None = None,
     ignore_eos: bool = False,
     prefill_step_size: int | None = None,
+    constraints: Sequence[Constraint | None] | Constraint | None = None,
 ) -> BatchResponse:
     """Generate for every prompt at once; each row stops on its own (end of text, stop string, max_tokens).
 
     Rows end with finish reason "window" when the longest one reaches the model's window (no sliding).
+    `constraints`: one `Constraint` for every row, or one per row (None: that row is free); by default
+    the one in `sampling`, if any.
     """
     check_max_tokens(max_tokens)
     sampler = make_sampler(sampling)
-    processors = make_logits_processors(sampling, model.config.vocab_size)
     ids = [encode_prompt(tokenizer, p) for p in prompts]
+    constraints = _per_row(constraints, len(ids), sampling)
+    processors = [make_logits_processors(dataclasses.replace(sampling, constraint=c), model.config.vocab_size)
+                  for c in constraints]  # fmt: skip
     if not ids:
         raise ValueError("batch_generate needs at least one prompt")
     if max(map(len, ids)) > model.config.n_positions:
@@ -243,8 +255,22 @@ def batch_generate(
     sampling: SamplingOptions = SamplingOptions(),
     stop: list[str] | str | None = None,
     ignore_eos: bool = False,
+    constraints: Sequence[Constraint | None] | Constraint | None = None,
 ) -> list[str]:
     """The generated text of each prompt, in order (the prompts are not repeated)."""
     return batch_generate_response(
         model, tokenizer, prompts, max_tokens=max_tokens, sampling=sampling, stop=stop, ignore_eos=ignore_eos,
+        constraints=constraints,
     ).texts
+
+
+def _per_row(constraints: Sequence[Constraint | None] | Constraint | None, n: int,
+             sampling: SamplingOptions) -> list[Constraint | None]:  # fmt: skip
+    if constraints is None:
+        return [sampling.constraint] * n
+    if isinstance(constraints, Constraint):
+        return [constraints] * n
+    constraints = list(constraints)
+    if len(constraints) != n:
+        raise UserError(f"constraints has {len(constraints)} entries for {n} prompts; give one per prompt")
+    return constraints

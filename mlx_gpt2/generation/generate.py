@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 
 from ..cache import KVCache, make_cache
+from ..errors import UserError
 from ..model import GPT2, check_ids
 from ..numerics import log_softmax
 from ..tokenizer import Tokenizer
+from .constrained import KINDS, Constraint
 from .core import (
     Overflow,
     TextStream,
@@ -137,6 +139,19 @@ class GenerationResponse:
     prompt_cached_tokens: int = 0  # prompt tokens taken from a given cache; prompt_tps counts only the others
 
 
+def with_constraint(sampling: SamplingOptions, tokenizer: Tokenizer, given: dict[str, Any]) -> SamplingOptions:
+    """`sampling` with the constraint of `json_schema=` / `regex=` / `grammar=` (if any) compiled into it."""
+    unknown = sorted(set(given) - set(KINDS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    constraint = Constraint.of(tokenizer, **given)
+    if constraint is None:
+        return sampling
+    if sampling.constraint is not None:
+        raise UserError("give one constraint at a time: sampling already holds one")
+    return dataclasses.replace(sampling, constraint=constraint)
+
+
 def _steps(model: GPT2, ids: list[int], max_tokens: int, sampling: SamplingOptions, on_overflow: Overflow,
            cache: list[KVCache] | None, draft: Draft | None) -> Iterator[tuple[int, mx.array, bool]]:  # fmt: skip
     """(token, log-probs, drafted) from the plain or the speculative generator, as `draft` says."""
@@ -163,13 +178,17 @@ def stream_generate(
     on_overflow: Overflow = "slide",
     cache: list[KVCache] | None = None,
     draft: Draft | None = None,
+    **constraint: Any,
 ) -> Iterator[GenerationResponse]:
     """Yield a GenerationResponse per new token; the text never splits a UTF-8 character.
 
     `cache` continues a prompt cache (the prompt is then the whole context); `draft=Draft(small_model)`
     decodes speculatively: the same tokens (greedy) or the same distribution (sampling), faster.
+    `json_schema=` (a dict or a JSON string), `regex=` or `grammar=` (Lark) constrain the output to
+    follow it (one at a time; see generation/constrained.py); so does a `sampling.constraint`.
     """
     check_max_tokens(max_tokens)
+    sampling = with_constraint(sampling, tokenizer, constraint)
     sampling.seed_random()
     stream = TextStream(tokenizer, max_tokens=max_tokens, stop=stop, ignore_eos=ignore_eos)
     ids = encode_prompt(tokenizer, prompt)
@@ -206,11 +225,15 @@ def generate(
     on_overflow: Overflow = "slide",
     draft: Draft | None = None,
     verbose: bool = False,
+    **constraint: Any,
 ) -> str:
-    """Generate and return the new text (the prompt is not repeated); `verbose` prints it as it comes."""
+    """Generate and return the new text (the prompt is not repeated); `verbose` prints it as it comes.
+
+    `json_schema=`, `regex=` or `grammar=` constrain the output, as in `stream_generate`.
+    """
     pieces, last = [], None
     for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampling=sampling, stop=stop,
-                                ignore_eos=ignore_eos, on_overflow=on_overflow, draft=draft):  # fmt: skip
+                                ignore_eos=ignore_eos, on_overflow=on_overflow, draft=draft, **constraint):  # fmt: skip
         pieces.append(last.text)
         if verbose:
             print(last.text, end="", flush=True)

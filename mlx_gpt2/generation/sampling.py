@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import types
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import mlx.core as mx
 
@@ -54,6 +54,7 @@ class SamplingOptions:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    constraint: Any = None  # a generation.constrained.Constraint: the grammar the output must follow
 
     def __post_init__(self) -> None:
         checks = [
@@ -214,4 +215,6 @@ def make_logits_processors(options: SamplingOptions, vocab_size: int) -> list[Lo
         processors.append(make_repetition_penalty(options.repetition_penalty, options.repetition_context_size))
     if options.presence_penalty or options.frequency_penalty:
         processors.append(make_presence_frequency_penalty(options.presence_penalty, options.frequency_penalty))
+    if options.constraint is not None:  # last: it masks what the others have scored
+        processors.append(options.constraint.processor())
     return processors

@@ -45,6 +45,7 @@ class Completion:
     echo: bool
     logprobs: int | None  # legacy completions: how many top tokens per position (0-20); chat: top_logprobs
     include_usage: bool
+    json_schema: dict | None = None  # response_format's schema ({"type": "object"} for json_object)
 
 
 def _shown(value: Any) -> str:
@@ -175,7 +176,29 @@ def parse_completion(body: dict, vocab_size: int, max_tokens_limit: int) -> Comp
         max_tokens=_integer(body, "max_tokens", 16, 0, max_tokens_limit), sampling=parse_sampling(body, vocab_size),
         stop=parse_stop(body.get("stop")), n=n, best_of=best_of, stream=stream, echo=_flag(body, "echo"),
         logprobs=_integer(body, "logprobs", None, 0, MAX_LOGPROBS), include_usage=_include_usage(body),
+        json_schema=parse_response_format(body.get("response_format")),
     )
+
+
+def parse_response_format(value: Any) -> dict | None:
+    """OpenAI's response_format: {"type": "text"}, {"type": "json_object"}, or {"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}, "strict": ...}} -> the schema the output must follow."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise BadRequest("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                             "response_format")  # fmt: skip
+        return schema
+    raise BadRequest("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                     "{\"type\": \"json_schema\", \"json_schema\": {...}}", "response_format")  # fmt: skip
 
 
 def _include_usage(body: dict) -> bool:
@@ -222,5 +245,6 @@ def parse_chat(body: dict, vocab_size: int, max_tokens_limit: int) -> tuple[list
         sampling=parse_sampling(body, vocab_size), stop=parse_stop(body.get("stop")),
         n=(n := _integer(body, "n", 1, 1, MAX_CHOICES)), best_of=n, stream=_flag(body, "stream"), echo=False,
         logprobs=(top or 0) if wants_logprobs else None, include_usage=_include_usage(body),
+        json_schema=parse_response_format(body.get("response_format")),
     )
     return messages, completion

@@ -18,6 +18,8 @@ import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from ..errors import UserError
+from ..generation.constrained import Constraint
 from ..generation.continuous import PromptScores, Sequence
 from ..generation.core import encode_prompt
 from ..model import GPT2
@@ -108,10 +110,17 @@ class Server:
             raise BadRequest(f"this request needs {len(plan)} sequences (prompts x best_of); this server queues at most "
                              f"{self.scheduler.max_queue + self.scheduler.max_concurrency}", "prompt")  # fmt: skip
         seed = request.sampling.seed
+        base = request.sampling
+        if request.json_schema is not None:  # compiled once per request; each sequence gets its own matcher
+            try:
+                constraint = Constraint.of(self.tokenizer, json_schema=request.json_schema)
+            except UserError as failure:
+                raise BadRequest(str(failure), "response_format") from None
+            base = dataclasses.replace(base, constraint=constraint)
 
         def make(position: int, prompt: list[int], emit) -> Sequence:
             # n samples of one seed would be n copies of one sample: sample k of a request draws from seed + k
-            sampling = request.sampling if seed is None else dataclasses.replace(request.sampling, seed=(seed + position) % 2**64)
+            sampling = base if seed is None else dataclasses.replace(base, seed=(seed + position) % 2**64)
             return Sequence(prompt, self.tokenizer, max_tokens=self._max_tokens(request, prompt), sampling=sampling,
                             stop=request.stop + stops, top_logprobs=request.logprobs or 0,
                             prompt_logprobs=request.echo and request.logprobs is not None and not chat, emit=emit)  # fmt: skip
