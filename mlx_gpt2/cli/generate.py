@@ -80,10 +80,9 @@ def generate(
     if num_beams != 1 or length_penalty is not None or early_stopping:
         conflicts = {"--temp": temp != 0, "--top-k": top_k != 0, "--top-p": top_p != 1, "--min-p": min_p != 0,
                      "--repetition-penalty": repetition_penalty is not None, "--logit-bias": logit_bias, "--stop": stop,
-                     "--draft-model": draft_model, "--prompt-cache": prompt_cache,
-                     "--json-schema/--regex/--grammar": sampling.constraint is not None}  # fmt: skip
-        return _generate_beams(lm, tokenizer, text, (num_beams, max_tokens, length_penalty, early_stopping, ignore_eos),
-                               conflicts, verbose)  # fmt: skip
+                     "--draft-model": draft_model, "--prompt-cache": prompt_cache}  # fmt: skip
+        beams = (num_beams, max_tokens, length_penalty, early_stopping, ignore_eos, sampling.constraint)
+        return _generate_beams(lm, tokenizer, text, beams, conflicts, verbose)
     _stream(lm, tokenizer, text, dict(max_tokens=max_tokens, sampling=sampling, stop=stop or None, ignore_eos=ignore_eos,
                                       on_overflow=on_overflow), prompt_cache, (draft_model, num_draft, dtype), verbose)  # fmt: skip
 
@@ -150,7 +149,7 @@ def _generate_beams(lm, tokenizer, text: str, beams: tuple, conflicts: dict, ver
 
     from ..generation.beam import beam_search
 
-    num_beams, max_tokens, length_penalty, early_stopping, ignore_eos = beams
+    num_beams, max_tokens, length_penalty, early_stopping, ignore_eos, constraint = beams
     if num_beams == 1:
         raise UserError("--length-penalty and --early-stopping apply to beam search: add --num-beams N (N >= 2)")
     given = [flag for flag, value in conflicts.items() if value]
@@ -160,7 +159,7 @@ def _generate_beams(lm, tokenizer, text: str, beams: tuple, conflicts: dict, ver
     tic = time.perf_counter()
     result = beam_search(lm, tokenizer, [text], num_beams=num_beams, max_tokens=max_tokens,
                          length_penalty=1.0 if length_penalty is None else length_penalty,
-                         early_stopping=early_stopping, ignore_eos=ignore_eos)[0]  # fmt: skip
+                         early_stopping=early_stopping, ignore_eos=ignore_eos, constraint=constraint)[0]  # fmt: skip
     seconds = time.perf_counter() - tic
     typer.echo(result.text)
     if verbose:

@@ -20,6 +20,7 @@ from typing import Literal, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .constrained import Constraint
 from ..backend import physical_memory
 from .batch import Batch
 from ..errors import UserError
@@ -144,8 +145,13 @@ def beam_search(
     early_stopping: EarlyStopping = False,
     ignore_eos: bool = False,
     prefill_step_size: int | None = None,
+    constraint: Constraint | None = None,
 ) -> list[BeamResult]:
-    """The best beam of each prompt, as transformers' `generate(num_beams=..., do_sample=False)` finds it."""
+    """The best beam of each prompt, as transformers' `generate(num_beams=..., do_sample=False)` finds it.
+
+    With a `constraint` every beam only ever takes tokens the grammar allows (each prompt's matcher
+    follows whichever beam it scores: see generation/constrained.py).
+    """
     _check_options(num_beams, max_tokens, length_penalty, early_stopping)
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     if not ids:
@@ -164,7 +170,10 @@ def beam_search(
     beams = [_Beams(num_beams, length_penalty=length_penalty, early_stopping=early_stopping, max_tokens=max_tokens)
              for _ in ids]
     active = list(range(len(ids)))  # prompts still searching; their beams are consecutive batch rows
+    masks = [constraint.processor() for _ in ids] if constraint is not None else None
     for length in range(max_tokens):
+        if masks is not None:
+            logits = _masked(logits, masks, ids, beams, active)
         scores, index = _top_continuations(logits, np.stack([beams[p].running_scores for p in active]), k)
         rows, feed, still = [], [], []
         for i, p in enumerate(active):
@@ -181,6 +190,17 @@ def beam_search(
         active = still
         logits = batch.forward(mx.array(feed)[:, None])
     return [_result(tokenizer, b, eos, ignore_eos) for b in beams]
+
+
+def _masked(logits: mx.array, masks: list, ids: list[list[int]], beams: list[_Beams], active: list[int]) -> mx.array:
+    """Each row's logits `[P * n, vocab]` with what its beam's grammar forbids next at -inf."""
+    rows = []
+    for i, p in enumerate(active):
+        n = len(beams[p].running)
+        for b, generated in enumerate(beams[p].running):
+            row = i * n + b
+            rows.append(masks[p](ids[p] + generated, logits[row : row + 1]))
+    return mx.concatenate(rows)
 
 
 def _result(tokenizer: Tokenizer, beams: _Beams, eos: int, ignore_eos: bool) -> BeamResult:
