@@ -63,6 +63,21 @@ def sample(model, tokenizer, n: int, **constraint) -> list[tuple[str, str]]:
     return list(zip(out.texts, out.finish_reasons))
 
 
+def test_the_engines_tokenizer_is_ours_byte_for_byte(trained):
+    from pydoc_data.topics import topics
+
+    from mlx_gpt2.generation.constrained import engine_tokenizer
+
+    _, tokenizer = trained
+    engine = engine_tokenizer(tokenizer)
+    differ = [i for i in range(tokenizer.vocab_size) if engine.decode_bytes([i]) != tokenizer.id_to_bytes(i)]
+    # 187 is the lone byte 0xFF, which llguidance reserves as its own marker; it never occurs in UTF-8 text.
+    assert differ == [187] and tokenizer.id_to_bytes(187) == b"\xff"
+    text = topics["assert"] + " ünïcode 🤖   spaces\n\n\ttabs"
+    assert engine.tokenize_str(text) == tokenizer.encode(text)
+    assert engine.eos_token == tokenizer.eos_token_id and engine.vocab_size == tokenizer.vocab_size
+
+
 @pytest.mark.parametrize("which", ["trained", "random_weights"])
 def test_200_sampled_outputs_all_follow_the_schema(which, request):
     model, tokenizer = request.getfixturevalue(which)
