@@ -495,7 +495,11 @@ def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(small_converted, moment):
     else:
         threading.Event().wait(float(moment.split()[0]))  # the moment the user presses Ctrl-C
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # never leave it running: it would load the machine for the tests after
+            proc.kill()
     assert proc.returncode == 130 and stderr == "interrupted\n", (moment, proc.returncode, stderr)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import sys
 from pathlib import Path
@@ -82,6 +83,11 @@ def serve(
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it drained for: a drained stop is a clean exit
         pass
+    # Drained and shut down: leave now. MLX's native teardown after a second thread has used it can abort
+    # the interpreter's exit ("terminate called without an active exception", exit -6), seen here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _bind(host: str, port: int) -> socket.socket:
