@@ -483,11 +483,19 @@ def _when_it_prints(proc: subprocess.Popen) -> None:
     proc.stdout.read(1)
 
 
+def _as_from_a_terminal() -> None:
+    """Ctrl-C reaches a command started from a terminal. A shell's background job (`.ci/run &`) ignores
+    SIGINT and its children inherit that, so Python would install no KeyboardInterrupt handler at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 @pytest.mark.parametrize("moment", ["importing MLX", "generating", "0.3 s", "0.8 s"])
 def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(small_converted, moment):
     """SIGINT while MLX is imported, at fixed moments of the start, and while generating."""
     proc = subprocess.Popen([_console_script(), "generate", "-m", str(small_converted), "-p", "Hello", "-n", "100000",
-                             "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             "--ignore-eos"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_terminal)  # fmt: skip
     if moment == "importing MLX":
         _when_mlx_is_being_imported(proc)
     elif moment == "generating":
