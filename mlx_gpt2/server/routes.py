@@ -17,7 +17,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..generation.continuous import PromptScores, Token
 from .protocol import BadRequest, Completion, parse_chat, parse_completion
-from .runs import Choice, ModelFailed, Run, chat_logprobs, legacy_logprobs
+from .runs import Choice, ModelFailed, Run, chat_logprobs, legacy_logprobs, openai_finish
 from .service import Server, best, error, new_id, now
 
 
@@ -193,7 +193,7 @@ def _token_chunk(server: Server, completion: Completion, index: int, event: Toke
         logprobs = legacy_logprobs(server.tokenizer, [event.token], [event.logprob], [event.top], start)
     elif completion.logprobs is not None:
         logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    finish = None if event.finish is None else ("length" if event.finish == "window" else event.finish)
+    finish = openai_finish(event.finish)
     return {"text": event.text, "index": index, "logprobs": logprobs, "finish_reason": finish}
 
 
@@ -213,7 +213,7 @@ async def stream_chat(server: Server, completion: Completion, run: Run, ids: lis
         if completion.logprobs is not None and event.token >= 0:
             one = Choice(choice.index, [], tokens=[event.token], logprobs=[event.logprob], tops=[event.top])
             logprobs = chat_logprobs(server.tokenizer, one)
-        finish = None if event.finish is None else ("length" if event.finish == "window" else event.finish)
+        finish = openai_finish(event.finish)
         yield chunk([{"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
     if completion.include_usage:
         yield {**chunk([]), "usage": server.usage(run, ids)}

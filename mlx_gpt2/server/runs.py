@@ -81,7 +81,7 @@ class Run:
             choice.tops.append(event.top)
         choice.texts.append(event.text)
         if event.finish:
-            choice.finish = "length" if event.finish == "window" else event.finish
+            choice.finish = openai_finish(event.finish)
 
     async def finish(self) -> list[Choice]:
         async for _ in self.events():
@@ -100,6 +100,11 @@ class Run:
     def cached_tokens(self) -> int:
         """Prompt tokens read from the prompt cache, once per prompt (as `prompt_tokens` counts them)."""
         return sum(s.cached_tokens for s in self.sequences[:: self.per_prompt])
+
+
+def openai_finish(reason: str | None) -> str | None:
+    """Our finish reason as OpenAI names it: a full window is "length" there."""
+    return "length" if reason == "window" else reason
 
 
 def legacy_logprobs(tokenizer: Tokenizer, ids: list[int], logprobs: list[float | None],
