@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..model import GPT2
-from .hooks import as_batch, hooked_hidden
+from .hooks import as_batch
 
 SALIENCY_METHODS = ("gradient_x_input", "integrated_gradients")
 _TOKENS_PER_BATCH = 4096
@@ -41,9 +41,12 @@ def _target_logit(model: GPT2, tokens: mx.array, target: int, position: int):
     """embeddings [S, L, D] -> the sum over the S copies of `target`'s logit at `position`."""
 
     def f(embeddings: mx.array) -> mx.array:
-        batch = mx.broadcast_to(tokens, (embeddings.shape[0], tokens.shape[1]))
-        final = hooked_hidden(model, batch, lambda n, v: embeddings.astype(v.dtype) if n == "wte" else v)
-        return model.head(final[:, position])[:, target].astype(mx.float32).sum()
+        # The model's own fused blocks (not the hooked pass): the gradient then keeps no [H, L, L] arrays
+        dtype = model.ln_f.weight.dtype
+        x = embeddings.astype(dtype) + model.wpe(mx.arange(tokens.shape[1]))
+        for block in model.h:
+            x = block(x, "causal", None)
+        return model.head(model.ln_f(x[:, position]))[:, target].astype(mx.float32).sum()
 
     return f
 

@@ -175,15 +175,22 @@ def _lens(model: GPT2, residual: np.ndarray) -> mx.array:
     return model.head(model.ln_f(x))
 
 
+def lens_top(model: GPT2, residual: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """[L, n_embd] residual stream -> ([L, top] ids, [L, top] probabilities) through ln_f and the head."""
+    _check_top(top, model.config.vocab_size)
+    ids, logprobs = _top_k(_lens(model, residual), top)
+    mx.eval(ids, logprobs)
+    return np.array(ids), np.exp(np.array(logprobs))
+
+
 def logit_lens(model: GPT2, tokenizer: Tokenizer, t: Trace, *, top: int = 5) -> LogitLens:
     """What the model would predict if it stopped after 0, 1, ..., n_layer blocks, at every position."""
     _check_top(top, model.config.vocab_size)
     ids, probs = [], []
     for depth in range(t.n_layer + 1):  # one layer at a time: [L, vocab] at once, not [n_layer + 1, L, vocab]
-        layer_ids, layer_logprobs = _top_k(_lens(model, t.residual_stream[depth]), top)
-        mx.eval(layer_ids, layer_logprobs)
-        ids.append(np.array(layer_ids))
-        probs.append(np.exp(np.array(layer_logprobs)))
+        layer_ids, layer_probs = lens_top(model, t.residual_stream[depth], top)
+        ids.append(layer_ids)
+        probs.append(layer_probs)
     top_ids = np.stack(ids)  # [n_layer + 1, L, top]
     names = [[[tokenizer.decode([int(i)]) for i in row] for row in layer] for layer in top_ids]
     return LogitLens(tokens=t.tokens, top_ids=top_ids, top_probs=np.stack(probs), top_tokens=names)

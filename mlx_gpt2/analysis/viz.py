@@ -176,3 +176,55 @@ def next_tokens_figure(candidates: Sequence[Candidate], tokens: Sequence[str]) -
     prompt = prompt if len(prompt) <= 60 else "..." + prompt[-57:]  # the end is what the model continues
     ax.set(xlabel="probability", title=f'next token after "{prompt}"'.replace("$", r"\$"))
     return figure
+
+
+def ablation_figure(tokens: Sequence[str], clean: Sequence[tuple[str, float]], ablated: Sequence[float], title: str) -> Figure:
+    """The clean run's top next tokens as bars, each beside its probability with the ablation applied."""
+    figure = _figure(7.5, _clamp(1.5 + 0.4 * len(clean), 2.5, 20.0))
+    ax = figure.add_subplot()
+    y = np.arange(len(clean))[::-1]
+    ax.barh(y + 0.2, [p for _, p in clean], height=0.4, color="tab:blue", label="clean")
+    ax.barh(y - 0.2, list(ablated), height=0.4, color="tab:orange", label="ablated")
+    ax.set_yticks(y, [_text(t) for t, _ in clean], fontsize=9)
+    ax.set(xlabel="probability of the next token", title=title.replace("$", r"\$"))
+    ax.legend(loc="lower right")
+    return figure
+
+
+def patching_figure(recovered: np.ndarray, columns: Sequence[str], *, xlabel: str, title: str) -> Figure:
+    """A layer x (position or head) map of the share of the clean-corrupted logit difference a patch recovers."""
+    layers, width = recovered.shape
+    figure = _figure(_clamp(2.5 + 0.45 * width, 5.0, 32.0), _clamp(1.5 + 0.35 * layers, 3.0, 24.0))
+    ax = figure.add_subplot()
+    limit = max(1.0, float(np.nanmax(np.abs(recovered))) if np.isfinite(recovered).any() else 1.0)
+    image = ax.imshow(recovered, cmap="RdBu", vmin=-limit, vmax=limit, origin="lower", aspect="auto", interpolation="nearest")
+    _label_axis(ax, columns, "x")
+    step = math.ceil(layers / MAX_LABELS)
+    ax.set_yticks(range(0, layers, step), [str(i) for i in range(0, layers, step)])
+    ax.set(xlabel=xlabel, ylabel="layer", title=title.replace("$", r"\$"))
+    figure.colorbar(image, ax=ax, shrink=0.8, label="logit difference recovered")
+    return figure
+
+
+def saliency_figure(tokens: Sequence[str], shares: np.ndarray, title: str) -> Figure:
+    """Each input token's share of the attribution, as bars in text order."""
+    figure = _figure(_clamp(2.5 + 0.45 * len(tokens), 5.0, 32.0), 4.0)
+    ax = figure.add_subplot()
+    ax.bar(range(len(tokens)), shares, color="tab:purple")
+    _label_axis(ax, tokens, "x")
+    ax.set(ylabel="share of the attribution", title=title.replace("$", r"\$"))
+    return figure
+
+
+def neurons_figure(tokens: Sequence[str], activations: np.ndarray, neurons: Sequence[int], layer: int) -> Figure:
+    """Chosen neurons of one layer (rows) at every token (columns)."""
+    figure = _figure(_clamp(2.5 + 0.45 * len(tokens), 5.0, 32.0), _clamp(1.5 + 0.3 * len(neurons), 3.0, 20.0))
+    ax = figure.add_subplot()
+    values = activations[:, list(neurons)].T  # [neurons, L]
+    limit = float(np.abs(values).max()) or 1.0
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+    _label_axis(ax, tokens, "x")
+    ax.set_yticks(range(len(neurons)), [str(n) for n in neurons], fontsize=8)
+    ax.set(ylabel="neuron", title=f"layer {layer}: the most active MLP neurons at each token")
+    figure.colorbar(image, ax=ax, shrink=0.8, label="activation (GELU output)")
+    return figure

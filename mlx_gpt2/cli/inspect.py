@@ -40,7 +40,7 @@ PngOpt = typer.Option(None, "--png", help="Also draw a picture into this PNG fil
 ForceOpt = typer.Option(False, "--force", help="Replace an existing --png file.", rich_help_panel=OUTPUT)
 
 
-def _prepare(model: str, text: str, png: Optional[Path], force: bool) -> tuple[GPT2, Tokenizer, str]:
+def prepare(model: str, text: str, png: Optional[Path], force: bool) -> tuple[GPT2, Tokenizer, str]:
     """Check the picture can be drawn and written before the (slow) load, then load; -> (model, tokenizer, text)."""
     if png is not None:
         from ..convert import resolve_source
@@ -56,7 +56,7 @@ def _prepare(model: str, text: str, png: Optional[Path], force: bool) -> tuple[G
     return lm, tokenizer, text
 
 
-def _save(figure: Figure, png: Path, force: bool) -> None:
+def save_figure(figure: Figure, png: Path, force: bool) -> None:
     from ..fileio import claim_output
     from ..analysis.viz import save_png
 
@@ -64,18 +64,18 @@ def _save(figure: Figure, png: Path, force: bool) -> None:
         typer.echo(f"wrote {save_png(figure, path)}", err=True)  # stderr, so --json output stays pure
 
 
-def _json(model: str, tokens: list[str], token_ids: list[int], **fields: Any) -> None:
+def print_json(model: str, tokens: list[str], token_ids: list[int], **fields: Any) -> None:
     """One JSON object on stdout: the model and input tokens, then the command's own fields."""
     data = {"model": model, "tokens": tokens, "token_ids": token_ids, **fields}
     typer.echo(json.dumps(data, ensure_ascii=False))
 
 
-def _rounded(values: np.ndarray) -> list:
+def rounded(values: np.ndarray) -> list:
     # Six decimals are far below anything a plot or a reader can see, and keep the JSON compact.
     return np.round(values.astype(np.float64), 6).tolist()
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Columns padded to their widest cell; the first two (index, token) left-aligned, the rest right."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = []
@@ -85,7 +85,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _show(token: str, limit: int = 14) -> str:
+def show(token: str, limit: int = 14) -> str:
     """A token quoted, so leading spaces show, and cut to `limit` characters."""
     shown = repr(token)
     return shown if len(shown) <= limit else shown[: limit - 2] + "…" + shown[-1]
@@ -97,9 +97,9 @@ def _attention_table(t: Trace, layer: int, head: int) -> str:
     probs = t.attentions[layer, head]
     rows = []
     for q in range(L):  # the future (k > q) is masked: blank, not 0.00
-        rows.append([str(q), _show(t.tokens[q]), *(f"{probs[q, k]:.2f}" if k <= q else "" for k in range(L))])
+        rows.append([str(q), show(t.tokens[q]), *(f"{probs[q, k]:.2f}" if k <= q else "" for k in range(L))])
     title = f"layer {layer}, head {head}: attention probabilities (rows: query, columns: key position)"
-    return title + "\n" + _table(["#", "token", *map(str, range(L))], rows)
+    return title + "\n" + table(["#", "token", *map(str, range(L))], rows)
 
 
 def _heads_table(t: Trace, layer: int) -> str:
@@ -107,10 +107,10 @@ def _heads_table(t: Trace, layer: int) -> str:
     rows = []
     for q, token in enumerate(t.tokens):
         keys = t.attentions[layer, :, q].argmax(axis=-1)  # [n_head]
-        cells = [f"{_show(t.tokens[k], 10)}@{k} {t.attentions[layer, h, q, k]:.2f}" for h, k in enumerate(keys)]
-        rows.append([str(q), _show(token), *cells])
+        cells = [f"{show(t.tokens[k], 10)}@{k} {t.attentions[layer, h, q, k]:.2f}" for h, k in enumerate(keys)]
+        rows.append([str(q), show(token), *cells])
     title = f"layer {layer}: the key each head attends to most, per query (token@position probability)"
-    return title + "\n" + _table(["#", "token", *(f"head {h}" for h in range(t.n_head))], rows)
+    return title + "\n" + table(["#", "token", *(f"head {h}" for h in range(t.n_head))], rows)
 
 
 @command(inspect_app)
@@ -126,21 +126,21 @@ def attention(
     """Attention probabilities of one head, or of every head of a layer."""
     from ..analysis.trace import check_index, trace
 
-    lm, tokenizer, text = _prepare(model, text, png, force)
+    lm, tokenizer, text = prepare(model, text, png, force)
     check_index("--layer", layer, lm.config.n_layer, "layers")
     if head is not None:
         check_index("--head", head, lm.config.n_head, "heads per layer")
     t = trace(lm, tokenizer, text)
     heads = list(range(t.n_head)) if head is None else [head]
     if as_json:
-        attentions = _rounded(t.attentions[layer, heads])  # [len(heads), L, L]
-        _json(model, t.tokens, t.token_ids, layer=layer, heads=heads, attentions=attentions)
+        attentions = rounded(t.attentions[layer, heads])  # [len(heads), L, L]
+        print_json(model, t.tokens, t.token_ids, layer=layer, heads=heads, attentions=attentions)
     else:
         typer.echo(_heads_table(t, layer) if head is None else _attention_table(t, layer, head))
     if png is not None:
         from ..analysis.viz import attention_figure
 
-        _save(attention_figure(t, layer=layer, head=head), png, force)
+        save_figure(attention_figure(t, layer=layer, head=head), png, force)
 
 
 def _lens_json(lens: LogitLens) -> list:
@@ -158,10 +158,10 @@ def _lens_table(lens: LogitLens) -> str:
     """Rows: blocks applied (0 is the embeddings); columns: input tokens; cells: the top-1 next token."""
     rows = []
     for d, (names, probs) in enumerate(zip(lens.top_tokens, lens.top_probs)):
-        cells = [f"{_show(n[0], 12)} {p[0]:.2f}" for n, p in zip(names, probs)]
+        cells = [f"{show(n[0], 12)} {p[0]:.2f}" for n, p in zip(names, probs)]
         rows.append(["embeddings" if d == 0 else str(d), "", *cells])
     title = "logit lens: the top next token (probability) after each number of blocks, at each input token"
-    return title + "\n" + _table(["blocks", "", *(_show(token, 12) for token in lens.tokens)], rows)
+    return title + "\n" + table(["blocks", "", *(show(token, 12) for token in lens.tokens)], rows)
 
 
 @command(inspect_app, "logit-lens")
@@ -176,17 +176,17 @@ def logit_lens(
     """The model's guess for the next token after 0, 1, ..., n_layer blocks, at every position."""
     from ..analysis.trace import logit_lens as run_lens, trace
 
-    lm, tokenizer, text = _prepare(model, text, png, force)
+    lm, tokenizer, text = prepare(model, text, png, force)
     t = trace(lm, tokenizer, text)
     lens = run_lens(lm, tokenizer, t, top=top)
     if as_json:
-        _json(model, t.tokens, t.token_ids, top=_lens_json(lens))
+        print_json(model, t.tokens, t.token_ids, top=_lens_json(lens))
     else:
         typer.echo(_lens_table(lens))
     if png is not None:
         from ..analysis.viz import logit_lens_figure
 
-        _save(logit_lens_figure(lens), png, force)
+        save_figure(logit_lens_figure(lens), png, force)
 
 
 @command(inspect_app, "next")
@@ -201,24 +201,24 @@ def next_token(
     """The most likely next tokens after TEXT, with their probabilities."""
     from ..analysis.trace import encode, next_tokens
 
-    lm, tokenizer, text = _prepare(model, text, png, force)
+    lm, tokenizer, text = prepare(model, text, png, force)
     ids = encode(lm, tokenizer, text)
     tokens = [tokenizer.decode([i]) for i in ids]
     candidates = next_tokens(lm, tokenizer, ids, top=top)
     if as_json:
         rounded = [{**dataclasses.asdict(c), "prob": round(c.prob, 6), "logprob": round(c.logprob, 6)}
                    for c in candidates]
-        _json(model, tokens, ids, next=rounded)
+        print_json(model, tokens, ids, next=rounded)
     else:
-        rows = [[str(r), _show(c.token, 24), str(c.token_id), f"{c.prob:.4f}"]
+        rows = [[str(r), show(c.token, 24), str(c.token_id), f"{c.prob:.4f}"]
                 for r, c in enumerate(candidates, start=1)]
-        prompt = _show("".join(tokens)[-60:], 64)  # the end is what the model continues
+        prompt = show("".join(tokens)[-60:], 64)  # the end is what the model continues
         title = f"next token after {prompt} ({len(ids)} tokens)"
-        typer.echo(title + "\n" + _table(["rank", "token", "id", "prob"], rows))
+        typer.echo(title + "\n" + table(["rank", "token", "id", "prob"], rows))
     if png is not None:
         from ..analysis.viz import next_tokens_figure
 
-        _save(next_tokens_figure(candidates, tokens), png, force)
+        save_figure(next_tokens_figure(candidates, tokens), png, force)
 
 
 def _embeddings_table(t: Trace, lm: GPT2) -> str:
@@ -230,8 +230,8 @@ def _embeddings_table(t: Trace, lm: GPT2) -> str:
     for p, (token, i) in enumerate(zip(t.tokens, t.token_ids)):
         vectors = (t.token_embeddings[p], t.position_embeddings[p], t.residual_stream[0, p])
         peek = " ".join(f"{x:+.3f}" for x in t.residual_stream[0, p, :4]) + " ..."
-        rows.append([str(p), _show(token), str(i), *(f"{np.linalg.norm(v):.3f}" for v in vectors), peek])
-    return title + "\n" + _table(["#", "token", "id", "|token|", "|position|", "|sum|", "sum[:4]"], rows)
+        rows.append([str(p), show(token), str(i), *(f"{np.linalg.norm(v):.3f}" for v in vectors), peek])
+    return title + "\n" + table(["#", "token", "id", "|token|", "|position|", "|sum|", "sum[:4]"], rows)
 
 
 @command(inspect_app)
@@ -245,16 +245,16 @@ def embeddings(
     """Token embeddings, position embeddings and their sum for each token of TEXT."""
     from ..analysis.trace import trace
 
-    lm, tokenizer, text = _prepare(model, text, png, force)
+    lm, tokenizer, text = prepare(model, text, png, force)
     t = trace(lm, tokenizer, text)
     if as_json:
         c = lm.config
-        _json(model, t.tokens, t.token_ids, vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd,
-              token_embeddings=_rounded(t.token_embeddings), position_embeddings=_rounded(t.position_embeddings),
-              embeddings=_rounded(t.residual_stream[0]))
+        print_json(model, t.tokens, t.token_ids, vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd,
+              token_embeddings=rounded(t.token_embeddings), position_embeddings=rounded(t.position_embeddings),
+              embeddings=rounded(t.residual_stream[0]))
     else:
         typer.echo(_embeddings_table(t, lm))
     if png is not None:
         from ..analysis.viz import embeddings_figure
 
-        _save(embeddings_figure(t), png, force)
+        save_figure(embeddings_figure(t), png, force)

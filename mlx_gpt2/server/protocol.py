@@ -8,7 +8,6 @@ on sizes (stop strings, choices, max_tokens) are the server's own, so one reques
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from ..errors import UserError
