@@ -7,8 +7,8 @@ forbids any request, so the page works offline and leaks nothing.
 
 "Load what is shown": the page parses a summary up front, and each token's attention rows (every layer
 and head, for that query) and its block details only when that token is selected. Attention is stored as
-thousandths (uint16), vectors as float16, both base64; past `ATTENTION_BUDGET` stored weights (long texts
-on wide models: gpt2-xl's 1200 heads at 1024 tokens would be 630M) each query keeps only its strongest
+thousandths (uint16), vectors as float16, both base64; past `ATTENTION_BUDGET` stored numbers (gpt2 past
+about 200 tokens; gpt2-xl's 1200 heads at 1024 tokens would be 630M) each query keeps only its strongest
 keys per head, and the page says so. Block details (q, k, v, scores, ...) are kept for the last
 `DETAIL_TOKENS` tokens.
 """
@@ -30,7 +30,7 @@ from .neurons import top_neurons
 from .saliency import saliency
 from .trace import check_index, encode, lens_top, token_label
 
-ATTENTION_BUDGET = 8_000_000  # attention weights stored in full below this many; top keys per row above
+ATTENTION_BUDGET = 3_000_000  # numbers of attention stored (2 bytes each): in full below this, else top keys
 MIN_TOP_KEYS = 4
 DETAIL_TOKENS = 128
 EMBED_DIMS = 48  # dimensions of each vector drawn as a strip of cells in the embedding figure
@@ -93,7 +93,7 @@ def _top_keys(model: GPT2, L: int) -> int | None:
     stored = c.n_layer * c.n_head * L * (L + 1) // 2
     if stored <= ATTENTION_BUDGET:
         return None
-    return max(MIN_TOP_KEYS, ATTENTION_BUDGET // (c.n_layer * c.n_head * L))
+    return max(MIN_TOP_KEYS, ATTENTION_BUDGET // (2 * c.n_layer * c.n_head * L))  # a key and a value each
 
 
 def _detail(kept: dict, layer: int, q: int, scores: np.ndarray) -> dict:

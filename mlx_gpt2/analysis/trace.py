@@ -153,6 +153,9 @@ def _top_k(logits: mx.array, top: int) -> tuple[mx.array, mx.array]:
     """[..., vocab] logits -> ([..., top] ids, [..., top] log-probabilities), most likely first."""
     logprobs = logits.astype(mx.float32)
     logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    if top == 1:  # argmax is one pass; MLX's CPU argpartition costs ~0.8 s on [160, 50257]
+        ids = mx.argmax(logprobs, axis=-1, keepdims=True)
+        return ids, mx.take_along_axis(logprobs, ids, axis=-1)
     ids = mx.argpartition(-logprobs, kth=top - 1, axis=-1)[..., :top]
     chosen = mx.take_along_axis(logprobs, ids, axis=-1)
     order = mx.argsort(-chosen, axis=-1)  # argpartition leaves the top k unordered
