@@ -1,7 +1,9 @@
-"""Inside GPT-2: the embeddings, one block's attention heads, the residual stream and the next token.
+"""Inside GPT-2: the embeddings, one block's attention heads, the residual stream, the next token, and
+what changes when you intervene: ablating a head, patching a clean run into a corrupted one, saliency.
 
 The figures of the classic GPT-2 walk-throughs, computed from a real checkpoint with mlx-gpt2's public
-API, printed as shapes and numbers and saved as pictures (needs matplotlib: pip install 'mlx-gpt2[viz]').
+API, printed as shapes and numbers and saved as pictures (needs matplotlib: pip install 'mlx-gpt2[viz]'),
+plus the explorer page (explorer.html) with all of it to click through.
 
     python examples/inside_gpt2.py gpt2                     # a Hub repo id (downloaded once)
     python examples/inside_gpt2.py path/to/model            # any GPT-2 directory, Hub-format or converted
@@ -13,10 +15,13 @@ import sys
 from pathlib import Path
 
 from mlx_gpt2 import UserError, load
-from mlx_gpt2.analysis import viz
-from mlx_gpt2.analysis.trace import logit_lens, next_tokens, trace
+from mlx_gpt2.analysis import (
+    Ablation, ablate, explorer_data, logit_lens, next_tokens, patch, render_page, run_with_hooks, saliency, trace, viz,
+)
 
 TEXT = "The animal didn't cross the street because it was too tired"
+CLEAN = "When Mary and John went to the store, John gave a drink to"
+CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 
 
 def main() -> None:
@@ -77,6 +82,45 @@ def main() -> None:
     for candidate in candidates:
         print(f"      {candidate.token!r:>14}  {candidate.prob:.3f}")
     save(viz.next_tokens_figure(candidates, t.tokens), "next_token.png")
+    interventions(model, tokenizer, t, (layer, head), save)
+    page = out / "explorer.html"
+    page.write_text(render_page(explorer_data(model, tokenizer, text, name=model_name)), encoding="utf-8")
+    print(f"\n8. Everything above, to click through offline: {page} ({page.stat().st_size / 1e6:.2f} MB)")
+
+
+def interventions(model, tokenizer, t, it_head, save) -> None:
+    """5-7: knock out the head that links ' it' to ' animal'; patch; saliency."""
+    import mlx.core as mx
+
+    def probs(logits):
+        return mx.softmax(logits[-1].astype(mx.float32), axis=-1)
+
+    layer, head = it_head
+    clean = probs(run_with_hooks(model, t.token_ids, {}))
+    top = int(mx.argmax(clean))
+    ablated = probs(ablate(model, t.token_ids, Ablation(heads=((layer, head),), method="mean")))
+    print(f"\n5. Ablation: head {layer}.{head}'s output replaced by its mean over the text")
+    print(f"   P({tokenizer.decode([top])!r}) after the text: {clean[top].item():.3f} -> {ablated[top].item():.3f}")
+
+    ids = tokenizer.encode(CLEAN), tokenizer.encode(CORRUPTED)
+    answer, wrong = tokenizer.encode(" Mary")[0], tokenizer.encode(" John")[0]
+    print(f"\n6. Activation patching: {CLEAN!r} (answer ' Mary') vs {CORRUPTED!r} (' John')")
+    if len(ids[0]) != len(ids[1]):
+        print("   (this tokenizer splits the two texts differently; skipped)")
+    else:
+        result = patch(model, *ids, answer=answer, wrong=wrong)
+        print(f"   logit difference Mary - John: clean {result.clean:.2f}, corrupted {result.corrupted:.2f}")
+        layer_best, pos_best = divmod(int(abs(result.recovered).argmax()), len(ids[0]))
+        print(f"   patching the residual stream of layer {layer_best} at {tokenizer.decode([ids[0][pos_best]])!r} "
+              f"recovers {result.recovered[layer_best, pos_best]:.0%} of it")
+        columns = [tokenizer.decode([i]) for i in ids[0]]
+        save(viz.patching_figure(result.recovered, columns, xlabel="position patched", title="patching resid_pre"), "patching.png")
+
+    s = saliency(model, t.token_ids, top, method="integrated_gradients", steps=16)
+    print(f"\n7. Saliency (integrated gradients) of {tokenizer.decode([top])!r} over the input tokens")
+    for p in s.shares.argsort()[::-1][:3]:
+        print(f"      {t.tokens[p]!r:>10}  {s.shares[p]:.2f}")
+    save(viz.saliency_figure(t.tokens, s.shares, f"integrated gradients for {tokenizer.decode([top])!r}"), "saliency.png")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,7 @@ so `import mlx_gpt2` and the command line start without importing MLX until a co
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-from typing import Any
+from .exports import install
 
 __version__ = "0.1.0"
 
@@ -34,29 +31,4 @@ _EXPORTS = {
     "Draft": "generation.speculative", "speculative_generate_step": "generation.speculative",
     "Tokenizer": "tokenizer",
 }  # fmt: skip
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mlx_gpt2' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value  # the next lookup is a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
-
-
-class _Package(types.ModuleType):
-    """Exported names win over submodules of the same name (`mlx_gpt2.perplexity` is the function, as
-    `from mlx_gpt2 import perplexity` promises, even after the module `mlx_gpt2.perplexity` was imported)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return  # the import system binding the submodule: it stays in sys.modules only
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+install(__name__, _EXPORTS)

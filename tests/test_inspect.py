@@ -323,6 +323,9 @@ def test_the_example_walks_through_every_figure(small_dir, tmp_path, monkeypatch
     runpy.run_path(str(example), run_name="__main__")
     printed = capsys.readouterr().out
     assert "token embeddings wte: 50257 × 64" in printed and "64 → 192" in printed and "64 → 256 → 64" in printed
-    names = ["attention_head.png", "attention_heads.png", "embeddings.png", "logit_lens.png", "next_token.png"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    # layer 0's residual at the one changed token is the embedding: patching it restores the clean run
+    assert "5. Ablation" in printed and "at ' John' recovers 100% of it" in printed and "7. Saliency" in printed
+    names = ["attention_head.png", "attention_heads.png", "embeddings.png", "logit_lens.png", "next_token.png",
+             "patching.png", "saliency.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names, "explorer.html"])
     assert all(png_size(tmp_path / name)[0] > 100 for name in names)

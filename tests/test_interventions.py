@@ -238,3 +238,80 @@ def test_neurons_equal_transformer_lens_and_factor_with_sklearn(small_loaded, tl
     assert factors.token_weights.shape == (len(ids), 3) and factors.neuron_weights.shape == (3, 2 * 256)
     assert np.abs(factors.neuron_weights - expected.components_).max() <= 1e-3
     assert (factors.token_weights >= 0).all()
+
+
+# The commands: each prints what the API computes (checked above against the references), as a table,
+# --json or --png, and refuses bad input in one line.
+from test_inspect import cli_model, png_size, run  # noqa: E402,F401  (cli_model is a fixture)
+
+
+def json_of(*args):
+    result = run(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return __import__("json").loads(result.stdout)
+
+
+def test_inspect_ablate_patch_saliency_neurons_print_the_api(cli_model, small_loaded, ids, ioi):
+    model, tokenizer = small_loaded
+    data = json_of("ablate", TEXT, "-m", cli_model, "--head", "0.1", "--neuron", "1.7", "--top", "3")
+    probs = np.array(mx.softmax(ablate(model, ids, Ablation(heads=((0, 1),), neurons=((1, 7),)))[-1], axis=-1))
+    assert [round(float(probs[r["token_id"]]), 6) for r in data["next"]] == [r["ablated"] for r in data["next"]]
+    assert data["heads"] == [[0, 1]] and data["neurons"] == [[1, 7]] and len(data["ablated_next"]) == 3
+
+    clean, corrupted, answer, wrong = ioi
+    data = json_of("patch", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary", "--wrong", " John", "-m", cli_model, "--point", "heads")
+    ref = patch_heads(model, clean, corrupted, answer=answer, wrong=wrong)
+    assert np.abs(np.array(data["patched_logit_diff"]) - ref.patched).max() <= 1e-5 and data["answer"] == answer
+
+    data = json_of("saliency", TEXT, "-m", cli_model, "--target", "id:318", "--method", "gradient_x_input")
+    assert np.abs(np.array(data["shares"]) - saliency(model, ids, 318).shares).max() <= 1e-5
+
+    data = json_of("neurons", TEXT, "-m", cli_model, "--layer", "1", "--top", "2", "--factors", "2")
+    acts = neuron_activations(model, ids, [1])
+    assert [n["neuron"] for n in data["layers"][0]] == [n.neuron for n in top_neurons(acts, 2, [1])[0]]
+    assert np.array(data["factors"]["token_weights"]).shape == (2, len(ids))
+
+    table = run("patch", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary", "--wrong", " John", "-m", cli_model)
+    assert table.exit_code == 0 and table.stdout.count("\n") == 1 + 1 + model.config.n_layer
+
+
+def test_the_new_views_draw_pngs(cli_model, tmp_path):
+    commands = {"ablate": ["--head", "1.0"], "saliency": ["--steps", "4"], "neurons": ["--layer", "0"],
+                "patch": ["--corrupted", TEXT.replace("tired", "happy"), "--answer", " was", "--wrong", " is"]}
+    for name, options in commands.items():
+        out = tmp_path / f"{name}.png"
+        result = run(name, TEXT, "-m", cli_model, *options, "--png", out)
+        assert result.exit_code == 0 and f"wrote {out}" in result.stderr, result.output
+        width, height = png_size(out)
+        assert width >= 400 and height >= 200
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ablate", TEXT], "nothing to ablate: name at least one head"),
+    (["ablate", TEXT, "--head", "1-2"], "--head takes LAYER.INDEX (e.g. 5.1 for layer 5's head 1), got '1-2'"),
+    (["ablate", TEXT, "--neuron", "0.999"], "neuron 0.999 is not in this model"),
+    (["ablate", TEXT, "--head", "0.0", "--method", "resample"], "resample ablation takes a reference text of the same length"),
+    (["patch", CLEAN, "--corrupted", "short", "--answer", " Mary", "--wrong", " John"], "same length; got 14 and 1 tokens"),
+    (["patch", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary Ann", "--wrong", " John"], "--answer ' Mary Ann' is 2 tokens"),
+    (["patch", CLEAN, "--corrupted", CORRUPTED, "--answer", "id:99999", "--wrong", " John"], "answer token must be an id in 0-50256"),
+    (["patch", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary", "--wrong", " John", "--point", "attn.q"], "--point must be one of"),
+    (["saliency", TEXT, "--method", "lime"], "saliency method must be one of gradient_x_input, integrated_gradients"),
+    (["saliency", TEXT, "--steps", "0"], "steps must be in 1-1024"),
+    (["neurons", TEXT, "--factors", "99"], "factors must be in 1-12"),
+    (["neurons", TEXT, "--layer", "5"], "--layer must be in 0-1"),
+    (["html", TEXT, "--out", "/nonexistent/dir/p.html"], "directory /nonexistent/dir does not exist"),
+])
+def test_bad_requests_are_one_line_errors(cli_model, args, message):
+    result = run(*args[:2], "-m", cli_model, *args[2:])
+    assert result.exit_code == 1 and message in result.stderr and result.stderr.count("\n") == 1, result.output
+
+
+def test_inspect_html_writes_once_and_never_loses_a_page(cli_model, tmp_path):
+    out = tmp_path / "page.html"
+    out.write_text("keep me")
+    assert "already exists; pass --force" in run("html", TEXT, "-m", cli_model, "--out", out).stderr
+    bad = run("html", TEXT, "-m", cli_model, "--out", out, "--force", "--layer", "7")
+    assert bad.exit_code == 1 and "--layer must be in 0-1" in bad.stderr and out.read_text() == "keep me"
+    good = run("html", TEXT, "-m", cli_model, "--out", out, "--force")
+    assert good.exit_code == 0 and out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]  # no temporary left beside it
