@@ -85,6 +85,23 @@ def trained_small_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def cli_model(monkeypatch, small_converted, small_loaded) -> str:
+    """small_converted's path, which the CLI's load() then serves from memory.
+
+    Each real load spends ~0.5 s building the tokenizer; test_text_from_stdin goes through the real one.
+    """
+    import mlx_gpt2
+
+    real_load = mlx_gpt2.load
+
+    def load(path, **kwargs):
+        return small_loaded if path == str(small_converted) else real_load(path, **kwargs)
+
+    monkeypatch.setattr(mlx_gpt2, "load", load)  # the CLI imports it from the package at call time
+    return str(small_converted)
+
+
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.tensor(ids)).logits.float().numpy()

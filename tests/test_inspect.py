@@ -177,23 +177,6 @@ def test_trace_refuses_bad_input(small_loaded, text, message):
 # ---- the CLI ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cli_model(monkeypatch, small_converted, small_loaded) -> str:
-    """small_converted's path, which the CLI's load() then serves from memory.
-
-    Each real load spends ~0.5 s building the tokenizer; test_text_from_stdin goes through the real one.
-    """
-    import mlx_gpt2
-
-    real_load = mlx_gpt2.load
-
-    def load(path, **kwargs):
-        return small_loaded if path == str(small_converted) else real_load(path, **kwargs)
-
-    monkeypatch.setattr(mlx_gpt2, "load", load)  # the CLI imports it from the package at call time
-    return str(small_converted)
-
-
 def run(*args, input=None):
     return runner.invoke(app, ["inspect", *map(str, args)], input=input)
 

@@ -242,7 +242,7 @@ def test_neurons_equal_transformer_lens_and_factor_with_sklearn(small_loaded, tl
 
 # The commands: each prints what the API computes (checked above against the references), as a table,
 # --json or --png, and refuses bad input in one line.
-from test_inspect import cli_model, png_size, run  # noqa: E402,F401  (cli_model is a fixture)
+from test_inspect import png_size, run  # noqa: E402
 
 
 def json_of(*args):

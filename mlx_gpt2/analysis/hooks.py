@@ -119,8 +119,13 @@ def hooked_hidden(model: GPT2, tokens: mx.array, point: Callable[[str, mx.array]
     """[B, L] ids -> [B, L, D] final-normed residual stream, each named point through `point`."""
     B, L = tokens.shape
     x = point("wte", model.wte(tokens)) + point("wpe", mx.broadcast_to(model.wpe(mx.arange(L)), (B, L, model.config.n_embd)))
-    for i, block in enumerate(model.h):
-        p = f"h.{i}."
+    return hooked_blocks(model, x, point)
+
+
+def hooked_blocks(model: GPT2, x: mx.array, point: Callable[[str, mx.array], mx.array], start: int = 0) -> mx.array:
+    """The residual stream entering block `start` ([B, L, D]) through the rest of the model, then ln_f."""
+    for i in range(start, len(model.h)):
+        block, p = model.h[i], f"h.{i}."
         x = point(p + "resid_pre", x)
         attn = block.attn.explicit(point(p + "ln_1", block.ln_1(x)), hook=lambda n, v, p=p: point(p + "attn." + n, v))
         x = point(p + "resid_mid", x + point(p + "attn.c_proj", attn))

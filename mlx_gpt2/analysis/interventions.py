@@ -9,7 +9,8 @@ can redo with TransformerLens hooks (tests/test_interventions.py does exactly th
 - `patch`: the clean run's activation at one point (`resid_pre` by default) copied into the corrupted run,
   one layer x position at a time; `patch_heads`: one head's `z` at every position. Each reports the logit
   difference answer - wrong at the last position, and the share of the clean-corrupted gap it recovers.
-  The patches of one layer run as one batch.
+  The patches of one layer run as one batch, from that layer on (the blocks before it are the corrupted
+  run's own, computed once).
 - `direct_logit_attribution`: the final residual stream at a position split into its parts (embeddings,
   each head, each layer's attention bias, each MLP), each through ln_f's scale and the unembedding of one
   token. The parts sum to that token's logit.
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..model import GPT2
-from .hooks import as_batch, hooked_hidden, run_with_cache, run_with_hooks
+from .hooks import as_batch, hooked_blocks, run_with_cache, run_with_hooks
 
 METHODS = ("zero", "mean", "resample")
 PATCH_POINTS = ("resid_pre", "resid_mid", "resid_post", "attn.c_proj", "mlp.c_proj")
@@ -125,25 +126,30 @@ def _logit_diff(logits: mx.array, answer: int, wrong: int) -> mx.array:
     return logits[..., -1, answer] - logits[..., -1, wrong]  # at the last position
 
 
-def _patched_runs(model: GPT2, corrupted: mx.array, name: str, clean_value: mx.array, masks: mx.array,
+def _patched_runs(model: GPT2, entering: mx.array, layer: int, name: str, clean_value: mx.array, masks: mx.array,
                   answer: int, wrong: int) -> list[float]:
-    """The corrupted text once per mask ([n, ...] broadcasting against the activation), the clean value
-    where the mask is set; -> each run's logit difference. Runs in batches of bounded size."""
-    per_batch = max(1, _TOKENS_PER_BATCH // corrupted.shape[1])
+    """The corrupted run once per mask ([n, ...] broadcasting against the activation), the clean value where
+    the mask is set; -> each run's logit difference. Every patch is in block `layer` or after, so each run
+    starts there from the corrupted residual stream `entering` it ([1, L, D]): the blocks before are the
+    corrupted run's own and are not recomputed. Runs in batches of bounded size."""
+    L = entering.shape[1]
+    per_batch = max(1, _TOKENS_PER_BATCH // L)
     out: list[float] = []
     for start in range(0, masks.shape[0], per_batch):
         m = masks[start:start + per_batch]
-        batch = mx.broadcast_to(corrupted, (m.shape[0], corrupted.shape[1]))
+        x = mx.broadcast_to(entering, (m.shape[0], *entering.shape[1:]))
 
         def replace(v: mx.array, m: mx.array = m) -> mx.array:
             return mx.where(m, clean_value, v).astype(v.dtype)
 
-        final = hooked_hidden(model, batch, lambda n, v: replace(v) if n == name else v)[:, -1:]
+        final = hooked_blocks(model, x, lambda n, v: replace(v) if n == name else v, start=layer)[:, -1:]
         out.extend(_logit_diff(model.head(final), answer, wrong).reshape(-1).tolist())
     return out
 
 
 def _patch_setup(model: GPT2, clean, corrupted, answer: int, wrong: int, names: list[str]):
+    """-> (the corrupted run's residual stream entering each block, the clean activations at `names`,
+    the clean and the corrupted logit differences)."""
     clean_b, corrupted_b = as_batch(model, clean), as_batch(model, corrupted)
     if clean_b.shape != corrupted_b.shape or clean_b.shape[0] != 1:
         raise UserError(f"patching takes one clean and one corrupted text of the same length; got "
@@ -152,8 +158,10 @@ def _patch_setup(model: GPT2, clean, corrupted, answer: int, wrong: int, names: 
         if not isinstance(token, int) or not 0 <= token < model.config.vocab_size:
             raise UserError(f"the {what} token must be an id in 0-{model.config.vocab_size - 1}, got {token!r}")
     clean_logits, cache = run_with_cache(model, clean_b, names=names)
-    corrupted_diff = _logit_diff(run_with_hooks(model, corrupted_b, {}), answer, wrong).item()
-    return corrupted_b, cache, _logit_diff(clean_logits, answer, wrong).item(), corrupted_diff
+    entering = [f"h.{i}.resid_pre" for i in range(model.config.n_layer)]
+    corrupted_logits, corrupted_cache = run_with_cache(model, corrupted_b, names=entering)
+    return ([corrupted_cache[n] for n in entering], cache, _logit_diff(clean_logits, answer, wrong).item(),
+            _logit_diff(corrupted_logits, answer, wrong).item())
 
 
 def patch(model: GPT2, clean, corrupted, *, answer: int, wrong: int, point: str = "resid_pre") -> Patching:
@@ -161,20 +169,20 @@ def patch(model: GPT2, clean, corrupted, *, answer: int, wrong: int, point: str 
     if point not in PATCH_POINTS:
         raise UserError(f"patch point must be one of {', '.join(PATCH_POINTS)}, got {point!r}")
     names = [f"h.{i}.{point}" for i in range(model.config.n_layer)]
-    corrupted_b, cache, clean_diff, corrupted_diff = _patch_setup(model, clean, corrupted, answer, wrong, names)
-    L = corrupted_b.shape[1]
+    entering, cache, clean_diff, corrupted_diff = _patch_setup(model, clean, corrupted, answer, wrong, names)
+    L = entering[0].shape[1]
     masks = mx.eye(L, dtype=mx.bool_)[:, :, None]  # [L runs, L positions, 1]: run p patches position p
-    table = [_patched_runs(model, corrupted_b, n, cache[n], masks, answer, wrong) for n in names]
+    table = [_patched_runs(model, entering[i], i, n, cache[n], masks, answer, wrong) for i, n in enumerate(names)]
     return Patching(point=point, clean=clean_diff, corrupted=corrupted_diff, patched=np.array(table))
 
 
 def patch_heads(model: GPT2, clean, corrupted, *, answer: int, wrong: int) -> Patching:
     """Patch each head's output `z` (all positions) from the clean run into the corrupted one."""
     names = [f"h.{i}.attn.z" for i in range(model.config.n_layer)]
-    corrupted_b, cache, clean_diff, corrupted_diff = _patch_setup(model, clean, corrupted, answer, wrong, names)
+    entering, cache, clean_diff, corrupted_diff = _patch_setup(model, clean, corrupted, answer, wrong, names)
     H = model.config.n_head
     masks = mx.eye(H, dtype=mx.bool_)[:, None, :, None]  # [H runs, 1, H heads, 1] against [B, L, H, d]
-    table = [_patched_runs(model, corrupted_b, n, cache[n], masks, answer, wrong) for n in names]
+    table = [_patched_runs(model, entering[i], i, n, cache[n], masks, answer, wrong) for i, n in enumerate(names)]
     return Patching(point="attn.z", clean=clean_diff, corrupted=corrupted_diff, patched=np.array(table))
 
 
