@@ -315,3 +315,29 @@ def test_inspect_html_writes_once_and_never_loses_a_page(cli_model, tmp_path):
     good = run("html", TEXT, "-m", cli_model, "--out", out, "--force")
     assert good.exit_code == 0 and out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]  # no temporary left beside it
+
+
+@pytest.mark.parametrize("kind", ["4-bit", "float16"])
+def test_everything_runs_on_half_and_quantized_models(small_converted, kind):
+    """As trace does: the hooked pass runs the model's own (quantized, half) layers and agrees with its fused path."""
+    import mlx.nn as nn
+
+    from mlx_gpt2 import load
+    from mlx_gpt2.analysis.explorer import explorer_data
+
+    model, tokenizer = load(small_converted, **({"dtype": "float16"} if kind == "float16" else {}))
+    if kind == "4-bit":
+        nn.quantize(model, group_size=64, bits=4)
+    ids = tokenizer.encode(TEXT)
+    logits, cache = run_with_cache(model, ids)
+    own = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    diff = np.abs(np.array(logits.astype(mx.float32)) - own).max() / np.abs(own).max()
+    print(f"OK, relative maxdiff = {diff:.2e} ({kind} hooked pass vs its fused forward)")
+    assert diff <= (1e-5 if kind == "4-bit" else 1e-2)
+    dla = direct_logit_attribution(model, ids, 318)
+    parts = dla.embeddings + dla.heads.sum() + dla.attn_bias.sum() + dla.mlps.sum() + dla.ln_f_bias
+    assert abs(parts - dla.logit) <= (1e-3 if kind == "4-bit" else 2e-2)
+    assert np.isclose(saliency(model, ids, 318).shares.sum(), 1.0)
+    assert patch_heads(model, ids, tokenizer.encode(TEXT.replace("tired", "happy")), answer=13, wrong=318).patched.shape == (2, 4)
+    assert np.isfinite(np.array(ablate(model, ids, Ablation(heads=((1, 1),), method="mean")).astype(mx.float32))).all()
+    assert len(explorer_data(model, tokenizer, TEXT)["tokens"]) == len(ids)
