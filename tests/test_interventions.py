@@ -254,6 +254,7 @@ def json_of(*args):
 def test_inspect_ablate_patch_saliency_neurons_print_the_api(cli_model, small_loaded, ids, ioi):
     model, tokenizer = small_loaded
     data = json_of("ablate", TEXT, "-m", cli_model, "--head", "0.1", "--neuron", "1.7", "--top", "3")
+    assert json_of("ablate", TEXT, "-m", cli_model, "--head", "0.1,1.2", "--head", "1.3")["heads"] == [[0, 1], [1, 2], [1, 3]]
     probs = np.array(mx.softmax(ablate(model, ids, Ablation(heads=((0, 1),), neurons=((1, 7),)))[-1], axis=-1))
     assert [round(float(probs[r["token_id"]]), 6) for r in data["next"]] == [r["ablated"] for r in data["next"]]
     assert data["heads"] == [[0, 1]] and data["neurons"] == [[1, 7]] and len(data["ablated_next"]) == 3
@@ -271,6 +272,8 @@ def test_inspect_ablate_patch_saliency_neurons_print_the_api(cli_model, small_lo
     assert [n["neuron"] for n in data["layers"][0]] == [n.neuron for n in top_neurons(acts, 2, [1])[0]]
     assert np.array(data["factors"]["token_weights"]).shape == (2, len(ids))
 
+    same = json_of("patch", CLEAN, "--corrupted", CLEAN, "--answer", " Mary", "--wrong", " John", "-m", cli_model)
+    assert same["recovered"][0][0] is None  # no gap to recover: null, never NaN (not JSON)
     table = run("patch", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary", "--wrong", " John", "-m", cli_model)
     assert table.exit_code == 0 and table.stdout.count("\n") == 1 + 1 + model.config.n_layer
 
@@ -295,6 +298,8 @@ def test_the_new_views_draw_pngs(cli_model, tmp_path):
     (["patch", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary Ann", "--wrong", " John"], "--answer ' Mary Ann' is 2 tokens"),
     (["patch", CLEAN, "--corrupted", CORRUPTED, "--answer", "id:99999", "--wrong", " John"], "answer token must be an id in 0-50256"),
     (["patch", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary", "--wrong", " John", "--point", "attn.q"], "--point must be one of"),
+    (["patch", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary", "--wrong", "id:5335"], "the same token"),
+    (["ablate", TEXT, "--head", "0.1,1.x"], "got '1.x'"),
     (["saliency", TEXT, "--method", "lime"], "saliency method must be one of gradient_x_input, integrated_gradients"),
     (["saliency", TEXT, "--steps", "0"], "steps must be in 1-1024"),
     (["neurons", TEXT, "--factors", "99"], "factors must be in 1-12"),

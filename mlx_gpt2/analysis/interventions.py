@@ -157,6 +157,8 @@ def _patch_setup(model: GPT2, clean, corrupted, answer: int, wrong: int, names: 
     for what, token in (("answer", answer), ("wrong", wrong)):
         if not isinstance(token, int) or not 0 <= token < model.config.vocab_size:
             raise UserError(f"the {what} token must be an id in 0-{model.config.vocab_size - 1}, got {token!r}")
+    if answer == wrong:
+        raise UserError("the answer and the wrong token are the same token: their logit difference is always 0")
     clean_logits, cache = run_with_cache(model, clean_b, names=names)
     entering = [f"h.{i}.resid_pre" for i in range(model.config.n_layer)]
     corrupted_logits, corrupted_cache = run_with_cache(model, corrupted_b, names=entering)

@@ -40,13 +40,19 @@ def one_token(tokenizer: Tokenizer, value: str, what: str) -> int:
 
 
 def _pairs(values: List[str], what: str) -> tuple[tuple[int, int], ...]:
+    """LAYER.INDEX values, each option given once or several times, or comma-separated (--head 9.6,9.9)."""
     out = []
-    for value in values:
+    for value in (v.strip() for item in values for v in item.split(",")):
         layer, dot, index = value.partition(".")
         if not (dot and layer.isdigit() and index.isdigit()):
             raise UserError(f"--{what} takes LAYER.INDEX (e.g. 5.1 for layer 5's {what} 1), got {value!r}")
         out.append((int(layer), int(index)))
     return tuple(out)
+
+
+def _finite_or_null(rows: list) -> list:
+    """JSON has no NaN: a share of a zero gap (clean and corrupted alike) is null."""
+    return [[v if v == v else None for v in row] for row in rows]
 
 
 def _top(probs: np.ndarray, k: int) -> list[int]:
@@ -133,7 +139,7 @@ def patch(
     if as_json:
         print_json(model, tokens, clean_ids, point=result.point, answer=a, wrong=w, clean_logit_diff=round(result.clean, 6),
                    corrupted_logit_diff=round(result.corrupted, 6), patched_logit_diff=rounded(result.patched),
-                   recovered=rounded(result.recovered))
+                   recovered=_finite_or_null(rounded(result.recovered)))
     else:
         cells = [[str(layer), "", *(f"{v:+.2f}" for v in row)] for layer, row in enumerate(result.recovered)]
         title = (f"share of the logit difference {show(tokenizer.decode([a]))} - {show(tokenizer.decode([w]))} "
