@@ -152,9 +152,10 @@ def _make_step(sampler: Sampler, processors: list[list[LogitsProcessor]], rows: 
 
     def step(logits: mx.array, active: list[int], last: mx.array | None = None) -> tuple[mx.array, mx.array]:
         if any(processors):  # penalties and constraints depend on each row's own history (and state)
-            seen = [mx.array(rows[r].history) for r in active]
-            if last is not None:
-                seen = [mx.concatenate([h, last[i : i + 1].astype(h.dtype)]) for i, h in enumerate(seen)]
+            # One sync for the whole batch: the tokens just fed, as ints (a per-row graph would make each
+            # row's processor wait for them on its own), then each row's history as a plain array.
+            fed = last.tolist() if last is not None else [None] * len(active)
+            seen = [mx.array(rows[r].history + ([t] if t is not None else [])) for r, t in zip(active, fed)]
             logits = mx.concatenate([_processed(processors[r], h, logits[i : i + 1]) for i, (r, h) in enumerate(zip(active, seen))])
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         tokens = sampler(logprobs)

@@ -123,11 +123,9 @@ class ConstraintProcessor:
 
     def _follow(self, generated: list[int]) -> bool:
         """Bring the matcher to `generated`: roll back what differs, take what is new; False if invalid."""
-        same = 0
-        for a, b in zip(self.consumed, generated):
-            if a != b:
-                break
-            same += 1
+        same = len(self.consumed)
+        if generated[:same] != self.consumed:  # only a rejected draft rewrites what was taken (rare)
+            same = next(i for i, (a, b) in enumerate(zip(self.consumed, generated + [None] * same)) if a != b)
         if same < len(self.consumed):
             self.matcher.rollback(len(self.consumed) - same)
             del self.consumed[same:]
