@@ -118,17 +118,15 @@ def explorer_data(model: GPT2, tokenizer: Tokenizer, text: str | Sequence[int], 
     ids = encode(model, tokenizer, text)
     L = len(ids)
     collect = _Collector(c.n_layer, L, layer, _top_keys(model, L))
-    final = hooked_hidden(model, as_batch(model, ids), collect)
-    logits = model.head(final)[0].astype(mx.float32)
-    probs = mx.softmax(logits, axis=-1, precise=True)
-    next_ids = mx.argsort(-probs, axis=-1)[:, :TOP]
-    next_probs = mx.take_along_axis(probs, next_ids, axis=-1)
-    mx.eval(next_ids, next_probs)
+    hooked_hidden(model, as_batch(model, ids), collect)
     kept = collect.kept
     residual = [kept["h.0.resid_pre"]] + [kept[f"h.{i}.resid_post"] for i in range(c.n_layer)]  # [n_layer + 1] x [L, D]
-    lens = [lens_top(model, r, 1) for r in residual]
+    # The lens after the last block is the model's own prediction: its top TOP are the next-token figure,
+    # so the output head runs once over the text for both.
+    next_ids, next_probs = lens_top(model, residual[-1], min(TOP, c.vocab_size))  # [L, TOP] each
+    lens = [lens_top(model, r, 1) for r in residual[:-1]] + [(next_ids[:, :1], next_probs[:, :1])]
     scores = kept[f"h.{layer}.attn.scores"]
-    target = int(np.array(next_ids)[-1, 0])
+    target = int(next_ids[-1, 0])
     sal = saliency(model, ids, target)
     decode = [token_label(tokenizer.decode([i])) for i in ids]
     first_detail = max(0, L - DETAIL_TOKENS)
@@ -142,7 +140,7 @@ def explorer_data(model: GPT2, tokenizer: Tokenizer, text: str | Sequence[int], 
         "lens": {"tokens": [[token_label(tokenizer.decode([int(i)])) for i in ids_[:, 0]] for ids_, _ in lens],
                  "probs": [np.round(p[:, 0], 4).tolist() for _, p in lens]},
         "next": [[[token_label(tokenizer.decode([int(i)])), int(i), round(float(p), 5)] for i, p in zip(row_i, row_p)]
-                 for row_i, row_p in zip(np.array(next_ids), np.array(next_probs))],
+                 for row_i, row_p in zip(next_ids, next_probs)],
         "saliency": {"target": token_label(tokenizer.decode([target])), "target_id": target, "method": sal.method,
                      "shares": np.round(sal.shares, 5).tolist(), "scores": np.round(sal.scores, 5).tolist()},
         "neurons": collect.neurons,  # [n_layer][L] -> top 5 (neuron, activation)

@@ -224,7 +224,8 @@ def direct_logit_attribution(model: GPT2, tokens, token: int, *, position: int =
     logits, cache = run_with_cache(model, batch, names=names)
     final = cache[f"h.{n - 1}.resid_post"][0, position].astype(mx.float32)
     scale = mx.sqrt(mx.var(final) + model.config.layer_norm_epsilon)
-    direction = model.ln_f.weight.astype(mx.float32) * _unembedding(model, token)  # [D]
+    unembedding = _unembedding(model, token)  # [D]
+    direction = model.ln_f.weight.astype(mx.float32) * unembedding
 
     def through_ln(parts: mx.array) -> mx.array:  # [..., D] -> [...]: centred, scaled, unembedded
         parts = parts.astype(mx.float32)
@@ -239,7 +240,7 @@ def direct_logit_attribution(model: GPT2, tokens, token: int, *, position: int =
         biases.append(through_ln(bias))
         mlps.append(through_ln(cache[f"h.{i}.mlp.c_proj"][0, position]))
     embeddings = through_ln(cache["wte"][0, position] + cache["wpe"][0, position])
-    ln_bias = model.ln_f.bias.astype(mx.float32) @ _unembedding(model, token)
+    ln_bias = model.ln_f.bias.astype(mx.float32) @ unembedding
     heads, biases, mlps = mx.stack(heads), mx.stack(biases), mx.stack(mlps)
     mx.eval(heads, biases, mlps, embeddings, ln_bias)
     return Attribution(token=token, position=position, logit=logits[0, position, token].item(),

@@ -79,18 +79,19 @@ def ablate(
     force: bool = ForceOpt,
 ) -> None:
     """The next-token distribution with heads or neurons ablated, beside the clean one."""
-    from ..analysis.hooks import run_with_hooks
+    import mlx.core as mx
+
     from ..analysis.interventions import Ablation, ablate as run_ablation
     from ..analysis.trace import encode
 
     spec = Ablation(heads=_pairs(heads, "head"), neurons=_pairs(neurons, "neuron"), method=method)
     lm, tokenizer, text = prepare(model, text, png, force)
+    if not 1 <= top <= lm.config.vocab_size:
+        raise UserError(f"--top must be in 1-{lm.config.vocab_size}, got {top}")
     ids = encode(lm, tokenizer, text)
     ref = None if reference is None else encode(lm, tokenizer, reference)
     ablated = _probs(run_ablation(lm, ids, spec, reference=ref))
-    clean = _probs(run_with_hooks(lm, ids, {}))
-    if not 1 <= top <= lm.config.vocab_size:
-        raise UserError(f"--top must be in 1-{lm.config.vocab_size}, got {top}")
+    clean = _probs(lm(mx.array([ids]))[0])  # the clean run needs no hooks: the model's fused pass
     rows = [{"token_id": i, "token": tokenizer.decode([i]), "clean": round(float(clean[i]), 6),
              "ablated": round(float(ablated[i]), 6)} for i in _top(clean, top)]
     tokens = [tokenizer.decode([i]) for i in ids]
@@ -164,13 +165,12 @@ def saliency(
     force: bool = ForceOpt,
 ) -> None:
     """How much each input token drives the next-token logit (gradients through the embeddings)."""
-    from ..analysis.hooks import run_with_hooks
     from ..analysis.saliency import saliency as run_saliency
-    from ..analysis.trace import encode
+    from ..analysis.trace import encode, next_tokens
 
     lm, tokenizer, text = prepare(model, text, png, force)
     ids = encode(lm, tokenizer, text)
-    token = one_token(tokenizer, target, "--target") if target is not None else _top(_probs(run_with_hooks(lm, ids, {})), 1)[0]
+    token = one_token(tokenizer, target, "--target") if target is not None else next_tokens(lm, tokenizer, ids, top=1)[0].token_id
     result = run_saliency(lm, ids, token, method=method, steps=steps)
     tokens = [tokenizer.decode([i]) for i in ids]
     if as_json:
